@@ -99,7 +99,7 @@ class BDHConfig:
 
     # ---------------------------------------------------------------- derived sizes
     @property
-    def N(self) -> int:  # noqa: N802 - the paper's symbol
+    def N(self) -> int:
         """Neurons per head."""
         return self.mlp_internal_dim_multiplier * self.n_embd // self.n_head
 
@@ -110,7 +110,7 @@ class BDHConfig:
 
     @property
     def num_params(self) -> int:
-        """3·n·D + 2·V·D: encoder, encoder_v, decoder, embedding, lm_head (independent of n_layer)."""
+        """3·n·D + 2·V·D (encoders, decoder, embedding, lm_head); independent of n_layer."""
         return 3 * self.n * self.n_embd + 2 * self.vocab_size * self.n_embd
 
     # ---------------------------------------------------------------- (de)serialisation

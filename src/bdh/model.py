@@ -1,0 +1,216 @@
+"""BDH-GPU (SPEC §2), read top to bottom in the paper's order.
+
+Notation: B batch, T tokens, D = n_embd (the paper's d), nh heads, N neurons per head, n = nh·N,
+V vocabulary, L layers. Weights are shared by all layers; names follow the reference code so its
+checkpoints load (`encoder` = D_x, `encoder_v` = D_y, `decoder` = E, transposed and split by head).
+
+    v  = LN(embed(idx))                          # (B, 1, T, D) residual stream
+    L times:
+        x  = relu(v @ D_x)                       # (B, nh, T, N) sparse positive neurons
+        a  = LN(attention(x, v))                 # (B, nh, T, D) linear attention, keys = x
+        y  = relu(a @ D_y) * x                   # (B, nh, T, N) gated, sparser still
+        v  = LN(v + LN(concat_heads(y) @ E))     # (B, 1, T, D)
+    logits = v @ lm_head
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bdh import generate as _generate
+from bdh.config import BDHConfig
+from bdh.ops import FORMS, frequencies
+from bdh.ops.common import state_dtype
+from bdh.state import BDHState
+
+
+class Attention(nn.Module):
+    """Holds the per-neuron rotary frequencies and runs the attention in the configured form.
+
+    `freqs` is a saved buffer (reference layout (1, 1, 1, N)) rather than recomputed, so a model
+    whose neurons are concatenated or grown keeps every neuron's own frequency.
+    """
+
+    def __init__(self, config: BDHConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.freqs = nn.Buffer(frequencies(config.N).view(1, 1, 1, config.N))
+        damping = config.damping_per_head()
+        # λ_h is derived from the config, so it is not saved with the weights.
+        self.register_buffer(
+            "damping", None if damping is None else torch.tensor(damping), persistent=False
+        )
+
+    def form(self, T: int, has_state: bool) -> str:
+        """The form to use: the configured one, or under "auto" the fastest exact one for T."""
+        chosen = self.config.attention
+        if chosen != "auto":
+            return chosen
+        if T == 1 and has_state:
+            return "recurrent"
+        return "parallel" if T <= self.config.chunk_size else "chunked"
+
+    def forward(
+        self, x: Tensor, v: Tensor, state: Tensor | None, offset: int, need_state: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """x (B, nh, T, N), v (B, 1, T, D), state (B, nh, N, D) → (B, nh, T, D), new state."""
+        form = self.form(x.shape[2], state is not None)
+        kwargs: dict[str, Any] = {"detach_kv": self.config.no_bptt}
+        if form == "chunked":
+            kwargs |= {"chunk_size": self.config.chunk_size, "need_state": need_state}
+        elif form == "parallel":
+            kwargs["need_state"] = need_state
+        elif form == "recurrent":
+            kwargs["inplace"] = _can_update_in_place(state, x)
+        freqs = self.freqs if self.config.rope else None
+        return FORMS[form](x, v, freqs, state, offset, self.damping, **kwargs)
+
+
+def _can_update_in_place(state: Tensor | None, x: Tensor) -> bool:
+    """Decoding updates the state where it lies; training keeps it functional for autograd."""
+    return (
+        state is not None
+        and not torch.is_grad_enabled()
+        and state.dtype == state_dtype(x.dtype)
+        and state.is_contiguous()
+    )
+
+
+class BDH(nn.Module):
+    """The BDH-GPU language model: `model(idx, targets)` gives `(logits, loss)`."""
+
+    def __init__(self, config: BDHConfig) -> None:
+        super().__init__()
+        self.config = config
+        nh, D, N, V = config.n_head, config.n_embd, config.N, config.vocab_size
+        self.decoder = nn.Parameter(torch.empty(nh * N, D))  # E: neurons → D, head-major rows
+        self.encoder = nn.Parameter(torch.empty(nh, D, N))  # D_x: D → neurons, x-path
+        self.attn = Attention(config)
+        self.embed = nn.Embedding(V, D)
+        self.drop = nn.Dropout(config.dropout)
+        self.encoder_v = nn.Parameter(torch.empty(nh, D, N))  # D_y: D → neurons, y-path
+        self.lm_head = nn.Parameter(torch.empty(D, V))
+        self.reset_parameters()
+        # Reference checkpoints come from torch.compile'd models with keys prefixed `_orig_mod.`.
+        self.register_load_state_dict_pre_hook(_strip_compile_prefix)
+
+    def reset_parameters(self) -> None:
+        """Every weight ~ N(0, 0.02²), as in the reference."""
+        for p in (self.decoder, self.encoder, self.encoder_v, self.embed.weight, self.lm_head):
+            nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ the forward pass
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """idx (B, T) token ids → logits (B, T, V) and the next-token cross-entropy if targets."""
+        logits = self._run(idx, None)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def _ln(self, x: Tensor) -> Tensor:
+        """LayerNorm over D without scale or bias; the identity in BDH-Normfree (Eq. 7)."""
+        return F.layer_norm(x, (x.shape[-1],), eps=1e-5) if self.config.layernorm else x
+
+    def _run(self, idx: Tensor, state: BDHState | None) -> Tensor:
+        """The trunk of SPEC §2; with a state, continue at state.pos and advance it."""
+        self._check_ids(idx)
+        B, T = idx.shape
+        offset = 0 if state is None else state.pos
+        v = self._ln(self.embed(idx)).unsqueeze(1)  # (B, 1, T, D)
+        x = None
+        for layer in range(self.config.n_layer):
+            x = self._neurons(v, x)  # (B, nh, T, N)
+            S = None if state is None else state.layers[layer]
+            a, S = self.attn(x, v, S, offset, need_state=state is not None)
+            if state is not None:
+                state.layers[layer] = S
+            v = self._mix(x, self._ln(a), v)
+        if state is not None:
+            state.pos += T
+        return v.view(B, T, -1) @ self.lm_head
+
+    def _neurons(self, v: Tensor, x_prev: Tensor | None) -> Tensor:
+        """x = relu(v D_x); with the paper's Eq. 8 residual, x accumulates in neuron space."""
+        x = F.relu(v @ self.encoder)  # (B, nh, T, N)
+        if self.config.residual == "neuron" and x_prev is not None:
+            x = x_prev + x
+        return x
+
+    def _mix(self, x: Tensor, a: Tensor, v: Tensor) -> Tensor:
+        """y = relu(a D_y) ⊙ x, then back to D through E and into the residual stream."""
+        B, nh, T, N = x.shape
+        y = self.drop(x * F.relu(a @ self.encoder_v))  # (B, nh, T, N)
+        u = self._ln(y.transpose(1, 2).reshape(B, 1, T, nh * N) @ self.decoder)  # (B, 1, T, D)
+        if self.config.residual == "neuron":
+            return u  # Eq. 8: the residual lives in x, v is the fresh E y
+        return self._ln(v + u)
+
+    def _check_ids(self, idx: Tensor) -> None:
+        if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"idx must be a (B, T) integer tensor, got {tuple(idx.shape)} {idx.dtype}"
+            )
+        if idx.numel() == 0:
+            raise ValueError("idx is empty: need at least one token")
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = hi if hi >= self.config.vocab_size else lo
+            raise ValueError(
+                f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})"
+            )
+
+    # ------------------------------------------------------------------ streaming and decoding
+    def init_state(self, batch_size: int = 1) -> BDHState:
+        """A zero state at position 0 for `batch_size` streams, on the model's device."""
+        c = self.config
+        return BDHState.zeros(
+            c.n_layer,
+            batch_size,
+            c.n_head,
+            c.N,
+            c.n_embd,
+            device=self.lm_head.device,
+            dtype=state_dtype(self.lm_head.dtype),
+        )
+
+    def step(self, idx: Tensor, state: BDHState) -> tuple[Tensor, BDHState]:
+        """Feed idx (B, t), any t ≥ 1, continuing at state.pos; returns logits (B, t, V).
+
+        The state is advanced in place (like a KV cache) and returned; `state.clone()` branches it.
+        Memory is constant in the total length, so any stream can be read piece by piece.
+        """
+        if idx.dim() == 2 and idx.shape[0] != state.batch_size:
+            raise ValueError(
+                f"idx has batch size {idx.shape[0]} but the state holds {state.batch_size} streams"
+            )
+        return self._run(idx, state), state
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        callback: Callable[[Tensor], None] | None = None,
+    ) -> Tensor:
+        """Prefill idx (B, T) once, then decode from the state; returns (B, T + max_new_tokens)."""
+        return _generate.generate(
+            self, idx, max_new_tokens, temperature, top_k, top_p, generator, callback
+        )
+
+
+def _strip_compile_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "_orig_mod.")]:
+        state_dict[prefix + key[len(prefix) + len("_orig_mod.") :]] = state_dict.pop(key)

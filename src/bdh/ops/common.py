@@ -1,0 +1,51 @@
+"""What every attention form does first: rotate, pick precisions, broadcast values, start the state.
+
+Notation: B batch, nh heads, T tokens, N neurons per head, D = n_embd.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bdh.ops.rope import rope
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The state is float32 at least (float64 stays float64), even when the model runs in bf16."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def rotate_queries(x: Tensor, freqs: Tensor | None, offset: int) -> Tensor:
+    """rope_t(x_t) at absolute positions; freqs=None means no rotation (U = identity)."""
+    return x if freqs is None else rope(x, freqs, offset)
+
+
+def zeros_state(x: Tensor, D: int) -> Tensor:
+    B, nh, _, N = x.shape
+    return torch.zeros(B, nh, N, D, device=x.device, dtype=state_dtype(x.dtype))
+
+
+def prepare(
+    x: Tensor,
+    v: Tensor,
+    freqs: Tensor | None,
+    state: Tensor | None,
+    offset: int,
+    damping: Tensor | None,
+    detach_kv: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """Queries, keys, values (broadcast to every head) and state, all in the state's precision.
+
+    Returns q, k (B, nh, T, N), v (B, nh, T, D), S (B, nh, N, D) and λ (1, nh, 1) or None.
+    """
+    B, nh, T, _ = x.shape
+    sdtype = state_dtype(x.dtype)
+    q = rotate_queries(x, freqs, offset).to(sdtype)
+    vals = v.to(sdtype).expand(B, nh, T, v.shape[-1])
+    k = q
+    if detach_kv:  # paper §7.2: no gradient through what is stored in the state
+        k, vals = k.detach(), vals.detach()
+    S = zeros_state(x, v.shape[-1]) if state is None else state.to(sdtype)
+    lam = None if damping is None else damping.to(sdtype).view(1, nh, 1)
+    return q, k, vals, S, lam
