@@ -10,7 +10,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if ! .venv/bin/python -c "import bdh, pytest" 2>/dev/null; then
     echo "[setup] installing torch==2.13.0 and bdh[dev] (about a minute)"
-    .venv/bin/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
     .venv/bin/python -m pip install --quiet torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
     .venv/bin/python -m pip install --quiet -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
     .venv/bin/python -c "import bdh, torch; print(f'[setup] bdh {bdh.__version__}, torch {torch.__version__}')"
