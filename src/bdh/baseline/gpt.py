@@ -249,8 +249,7 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    @property
-    def num_params(self) -> int:
+    def num_params(self) -> int:  # a method, as BDH.num_params()
         return sum(p.numel() for p in self.parameters())
 
     # ---------------------------------------------------------------- forward
