@@ -192,6 +192,15 @@ class Synapses:
             block *= self.gs.weights[np.ix_(rows, cols)]
         self.values[np.ix_(rows, cols)] += block
 
+    def add(self, delta: np.ndarray) -> None:
+        """σ += G_s ⊙ delta, delta a dense (rows, cols) array (the spiking Hebbian write)."""
+        if self.gs.is_sparse:
+            self.values.data += self.gs.weights.data * delta[self._rows, self.values.indices]
+        elif self.gs.weights is None:
+            self.values += delta
+        else:
+            self.values += self.gs.weights * delta
+
     def scale_columns(self, u: np.ndarray) -> None:
         if self.gs.is_sparse:
             self.values.data *= u[self.values.indices]
