@@ -11,7 +11,9 @@ See docs/graph-model.md for the map from every rule to the code and to the paper
 from bdh.graph.convert import from_tensor, reverse_check, to_tensor, twin_config
 from bdh.graph.edges import EdgeSet, Layout, Retention, Synapses
 from bdh.graph.engine import LocalityError, LocalOps, VectorOps
+from bdh.graph.export import export_graphs, neuron_graph
 from bdh.graph.simulator import GraphBDH, Simulator, Trace, local_simulator
+from bdh.graph.spiking import SpikingOps, measure_convergence, spiking_run
 from bdh.graph.twin import TensorTrace, tensor_trace
 
 __all__ = [
@@ -22,13 +24,18 @@ __all__ = [
     "LocalityError",
     "Retention",
     "Simulator",
+    "SpikingOps",
     "Synapses",
     "TensorTrace",
     "Trace",
     "VectorOps",
+    "export_graphs",
     "from_tensor",
     "local_simulator",
+    "measure_convergence",
+    "neuron_graph",
     "reverse_check",
+    "spiking_run",
     "tensor_trace",
     "to_tensor",
     "twin_config",
