@@ -1,0 +1,302 @@
+"""`bdh <verb>`: parse arguments and call the library, nothing else.
+
+Mistakes a user can make (a missing file, a bad value, a corrupt checkpoint) end with one line on
+stderr and a non-zero exit code; set BDH_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from bdh.data import NAMED_CORPORA
+from bdh.train import TrainConfig
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C
+DEFAULTS = TrainConfig()
+
+# Verbs register themselves here: name -> (help, add arguments, run).
+Verb = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+VERBS: dict[str, Verb] = {}
+
+
+def verb(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]):
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        VERBS[name] = (help, arguments, run)
+        return run
+
+    return register
+
+
+def _default(name: str) -> str:
+    return f"(default: {getattr(DEFAULTS, name)})"
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    # Every default is None so that --resume can tell the options given from those left out:
+    # given ones replace the saved settings, the rest come from the checkpoint.
+    add = p.add_argument
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help=f"model kind: bdh or gpt {_default('model')}")
+    g.add_argument("--preset", help=f"named shape: reference, small, tiny {_default('preset')}")
+    g.add_argument(
+        "--config", dest="config_file", metavar="FILE",
+        help="JSON object of model config fields applied over the preset, e.g. {\"n_layer\": 2}",
+    )  # fmt: skip
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data", metavar="SOURCE",
+        help=f"a text file, a folder of .txt files, or {', '.join(NAMED_CORPORA)}; a file splits"
+        " 90/10 by bytes, a folder or named corpus by whole documents " + _default("data"),
+    )  # fmt: skip
+    g.add_argument("--tokenizer", choices=("bytes", "bpe"), help=f"{_default('tokenizer')}")
+    g.add_argument(
+        "--bpe-vocab-size", type=int, metavar="V",
+        help=f"vocabulary of the BPE learned on the train split {_default('bpe_vocab_size')}",
+    )  # fmt: skip
+    g.add_argument(
+        "--batches", choices=("random", "stream"),
+        help="random offsets, or temporally coherent streams where each row continues where it"
+        f" stopped {_default('batches')}",
+    )  # fmt: skip
+    g = p.add_argument_group("optimisation")
+    g.add_argument(
+        "--max-steps", type=int, metavar="N", help=f"optimizer steps {_default('max_steps')}"
+    )
+    g.add_argument(
+        "--batch-size", type=int, metavar="B", help=f"rows per micro-batch {_default('batch_size')}"
+    )
+    g.add_argument(
+        "--block-size", type=int, metavar="T", help=f"tokens per row {_default('block_size')}"
+    )
+    g.add_argument(
+        "--grad-accum",
+        type=int,
+        metavar="K",
+        help=f"micro-batches per step {_default('grad_accum')}",
+    )
+    g.add_argument("--lr", type=float, help=f"peak learning rate {_default('lr')}")
+    g.add_argument("--min-lr", type=float, help="learning rate at the last step (default: lr / 10)")
+    g.add_argument(
+        "--warmup-steps", type=int, metavar="N", help=f"linear warmup {_default('warmup_steps')}"
+    )
+    g.add_argument(
+        "--decay",
+        choices=("cosine", "linear", "constant"),
+        help=f"after warmup {_default('decay')}",
+    )
+    g.add_argument(
+        "--weight-decay", type=float, help=f"AdamW weight decay {_default('weight_decay')}"
+    )
+    g.add_argument("--beta1", type=float, help=f"AdamW beta1 {_default('beta1')}")
+    g.add_argument("--beta2", type=float, help=f"AdamW beta2 {_default('beta2')}")
+    g.add_argument(
+        "--grad-clip", type=float, help=f"max global gradient norm, 0 = off {_default('grad_clip')}"
+    )
+    g.add_argument(
+        "--seed", type=int, help=f"seed of weights, batches and dropout {_default('seed')}"
+    )
+    g.add_argument(
+        "--threads", type=int, help="torch CPU threads, 0 = torch's default (default: 0)"
+    )
+    g = p.add_argument_group("run")
+    g.add_argument(
+        "--out",
+        metavar="DIR",
+        help=f"run directory: checkpoint/ and metrics.jsonl {_default('out')}",
+    )
+    g.add_argument(
+        "--eval-interval",
+        type=int,
+        metavar="N",
+        help=f"validate every N steps {_default('eval_interval')}",
+    )
+    g.add_argument(
+        "--eval-batches",
+        type=int,
+        metavar="N",
+        help=f"batches per validation {_default('eval_batches')}",
+    )
+    g.add_argument(
+        "--ckpt-interval",
+        type=int,
+        metavar="N",
+        help=f"checkpoint every N steps {_default('ckpt_interval')}",
+    )
+    add(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint; options given here replace"
+        " the saved ones",
+    )
+    add("--no-progress", action="store_true", help="log lines instead of a progress bar")
+
+
+@verb("train", "train a model and save checkpoints", _train_arguments)
+def _train(args: argparse.Namespace) -> int:
+    from bdh.train import train
+
+    skip = {"verb", "resume", "no_progress"}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in skip}
+    cfg = (
+        TrainConfig.from_dict(given)
+        if not args.resume
+        else TrainConfig(out=given.get("out", DEFAULTS.out))
+    )
+    result = train(cfg, resume=args.resume, overrides=given, progress=not args.no_progress)
+    if result.status == "interrupted":
+        return EXIT_INTERRUPTED
+    print(f"[train] done at step {result.step}; checkpoint {result.checkpoint}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- eval
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="a checkpoint or a run directory")
+    p.add_argument(
+        "--data", metavar="SOURCE",
+        help="evaluate on this source instead of the training data: a file is evaluated whole,"
+        " a folder or named corpus on its validation split",
+    )  # fmt: skip
+    p.add_argument(
+        "--split",
+        choices=("train", "val", "all"),
+        help="which part of the source (default: val, or all for a file)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        metavar="B",
+        help="windows per forward pass (default: 32)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")  # fmt: skip
+
+
+@verb("eval", "loss (nats/token) and bits per byte of a checkpoint", _eval_arguments)
+def _eval(args: argparse.Namespace) -> int:
+    from bdh.train import evaluate_checkpoint
+
+    progress = not (args.no_progress or args.json)
+    result, what = evaluate_checkpoint(args.ckpt, args.data, args.split, args.batch_size, progress)
+    if args.json:
+        print(json.dumps({**result.to_dict(), **what}))
+    else:
+        print(
+            f"{what['split']} split of {what['data']}: loss {result.loss:.4f} nats/token,"
+            f" {result.bpb:.4f} bits/byte over {result.tokens:,} tokens ({result.bytes:,} bytes)"
+        )
+    return 0
+
+
+# ---------------------------------------------------------------------------- sample
+
+
+def _sample_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="a checkpoint or a run directory")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=500,
+        metavar="N",
+        help="tokens to generate (default: 500)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        metavar="T",
+        help="> 0; lower is more conservative (default: 0.8)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        metavar="K",
+        help="sample among the K most likely tokens, K >= 1 (default: all)",
+    )
+    p.add_argument(
+        "--top-p", type=float, metavar="P", help="nucleus sampling, P in (0, 1] (default: off)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")  # fmt: skip
+
+
+@verb("sample", "generate text from a checkpoint, streamed as it is produced", _sample_arguments)
+def _sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from bdh.checkpoint import load_checkpoint
+    from bdh.generate import check_sampling, stream
+    from bdh.tokenizer import decode_stream
+
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    ckpt = load_checkpoint(args.ckpt)
+    idx = torch.from_numpy(ckpt.tokenizer.encode(args.prompt or "\n").astype("int64"))[None]
+    generator = torch.Generator().manual_seed(args.seed)
+    ckpt.model.eval()
+    tokens = stream(
+        ckpt.model, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator
+    )
+    pieces = decode_stream(ckpt.tokenizer, (int(t[0, 0]) for t in tokens))
+    first = next(pieces, "")  # errors surface before anything is printed
+    sys.stdout.write(args.prompt + first)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bdh", description="BDH (Baby Dragon Hatchling): train, sample and evaluate."
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name, (help, arguments, _) in VERBS.items():
+        arguments(sub.add_parser(name, help=help, description=help))
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from bdh.train import TrainingDiverged
+
+    # ValueError covers ConfigError, DataError, CheckpointError, TokenizerError and the model's
+    # and sampler's argument checks; OSError a file that cannot be read or written.
+    return (ValueError, OSError, TrainingDiverged)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run = VERBS[args.verb][2]
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("bdh: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _user_errors() as e:
+        if os.environ.get("BDH_DEBUG"):
+            raise
+        print(f"bdh {args.verb}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
