@@ -22,11 +22,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.linalg import blas
 
 Matrix = np.ndarray | sp.csr_array
 
 # Below this fraction of non-zero entries a graph is stored sparsely.
 SPARSE_DENSITY = 0.25
+# Below this fraction of active senders, a dense push reads only the active rows.
+ACTIVE_SUBSET = 0.1
 
 
 @dataclass(frozen=True)
@@ -106,8 +109,9 @@ class EdgeSet:
         if self.weights is None:
             return np.broadcast_to(values.sum(0), (self.shape[1], *values.shape[1:])).copy()
         if not self.is_sparse and values.ndim == 1:
-            active = np.flatnonzero(values)  # spikes are sparse: skip silent senders
-            return self.weights[active].T @ values[active]
+            active = np.flatnonzero(values)
+            if active.size < ACTIVE_SUBSET * values.size:  # few senders fire: skip the silent
+                return self.weights[active].T @ values[active]
         return self.weights.T @ values
 
     def weight(self, i: int, j: int) -> float:
@@ -187,6 +191,9 @@ class Synapses:
             v.data += self.gs.weights.data * y[self._rows] * x[v.indices]
             return
         rows, cols = np.flatnonzero(y), np.flatnonzero(x)  # only co-active pairs change
+        if self.gs.weights is None and rows.size > ACTIVE_SUBSET * y.size:
+            _rank1_update(self.values, y, x)  # many co-active pairs: one dense rank-1 update
+            return
         block = np.outer(y[rows], x[cols])
         if self.gs.weights is not None:
             block *= self.gs.weights[np.ix_(rows, cols)]
@@ -222,3 +229,15 @@ class Synapses:
 
     def __setitem__(self, ij: tuple[int, int], value: float) -> None:
         self.values[ij] = value
+
+
+def _rank1_update(values: np.ndarray, y: np.ndarray, x: np.ndarray) -> None:
+    """values += y xᵀ in place (BLAS ger on the transposed, Fortran-ordered view: no temporary)."""
+    if values.flags.c_contiguous and values.dtype in (np.float32, np.float64):
+        ger = blas.get_blas_funcs("ger", (values,))
+        out = ger(1.0, x.astype(values.dtype), y.astype(values.dtype), a=values.T, overwrite_a=1)
+        if np.shares_memory(out, values):
+            return
+        values[...] = out.T  # pragma: no cover - BLAS declined to work in place
+        return
+    values += np.outer(y, x)

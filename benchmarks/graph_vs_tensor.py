@@ -1,0 +1,90 @@
+"""Issue 7, must show 4: a BDH-GPU model converted to the graph model gives the same next tokens.
+
+    # a checkpoint from `bdh train` (the run directory or its checkpoint/ folder)
+    python benchmarks/graph_vs_tensor.py --checkpoint runs/bdh --text data.txt --tokens 128
+    # no checkpoint: a randomly initialised preset (tiny runs in seconds, small in minutes)
+    python benchmarks/graph_vs_tensor.py --random small --tokens 64
+
+The held-out passage is taken from the last 10% of --text (how `bdh train` splits a text file), or
+is random token ids when no text is given. Prints one row per model (bdh.graph.compare): the trained
+model, the same weights with one option changed at a time towards the graph model's tensor twin,
+and the graph models; writes the rows as JSON to --json (default benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bdh import BDH, BDHConfig
+from bdh.graph.compare import as_dicts, compare, table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+HELD_OUT = 0.1  # the validation fraction of a text file in `bdh train`
+
+
+def load(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """(model, tokenizer or None, description) from --checkpoint or --random."""
+    if args.checkpoint:
+        from bdh.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(args.checkpoint)
+        return ckpt.model.eval(), ckpt.tokenizer, f"checkpoint {ckpt.path}"
+    torch.manual_seed(args.seed)
+    config = BDHConfig.from_name(args.random, dropout=0.0)
+    return BDH(config).eval(), None, f"random {args.random} (seed {args.seed})"
+
+
+def passage(args: argparse.Namespace, tokenizer: Any, vocab: int) -> np.ndarray:
+    """--tokens ids from the held-out tail of --text (bytes if no tokenizer), else random ids."""
+    if not args.text:
+        return np.random.default_rng(args.seed).integers(0, vocab, args.tokens)
+    data = Path(args.text).read_bytes()
+    tail = data[int(len(data) * (1 - HELD_OUT)) :]
+    ids = tokenizer.encode(tail) if tokenizer is not None else np.frombuffer(tail, np.uint8)
+    ids = np.asarray(ids, dtype=np.int64)[args.offset : args.offset + args.tokens]
+    if len(ids) < args.tokens:
+        raise SystemExit(f"--text has only {len(ids)} held-out tokens after --offset {args.offset}")
+    return ids
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a `bdh train` run directory or checkpoint directory")
+    src.add_argument("--random", choices=["tiny", "small"], help="a randomly initialised preset")
+    p.add_argument("--text", help="text file whose last 10%% holds the held-out passage")
+    p.add_argument("--tokens", type=int, default=128, help="passage length (default 128)")
+    p.add_argument("--offset", type=int, default=0, help="first held-out token used")
+    p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    p.add_argument("--no-graph", action="store_true", help="only the tensor ladder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="where to write the rows (default benchmarks/results/...)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parse(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model, tokenizer, what = load(args)
+    ids = passage(args, tokenizer, model.config.vocab_size)
+    print(f"{what}; config {model.config.to_dict()}")
+    print(f"passage: {len(ids)} tokens; dtype {args.dtype}\n")
+    rows = compare(model, ids, graphs=not args.no_graph, dtype=np.dtype(args.dtype))
+    print(table(rows))
+    out = Path(args.json) if args.json else RESULTS / "graph_vs_tensor.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"source": what, "config": model.config.to_dict(), "tokens": len(ids)}
+    out.write_text(json.dumps({**payload, "rows": as_dicts(rows)}, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return as_dicts(rows)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
