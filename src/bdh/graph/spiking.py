@@ -81,7 +81,8 @@ class SpikingOps(VectorOps):
         uy, ux = _unit(y), _unit(x)
         spikes_y = self.rng.random((rows.size, self.runs)) < (y[rows] / uy)[:, None]
         spikes_x = self.rng.random((cols.size, self.runs)) < (x[cols] / ux)[:, None]
-        both = spikes_y.astype(y.dtype) @ spikes_x.T.astype(y.dtype)  # coincidences
+        # Coincidences; float32 counts are exact up to 2^24 trials.
+        both = (spikes_y.astype(np.float32) @ spikes_x.T.astype(np.float32)).astype(y.dtype)
         coincidence = np.zeros((lay.n_src, lay.n), y.dtype)
         coincidence[np.ix_(rows, cols)] = (uy * ux / self.runs) * both
         sim.sigma[layer].add(coincidence)
