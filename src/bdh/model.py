@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bdh import decode as _decode
 from bdh import generate as _generate
 from bdh.config import BDHConfig
 from bdh.ops import FORMS, frequencies
@@ -187,12 +188,14 @@ class BDH(nn.Module):
 
         The state is advanced in place (like a KV cache) and returned; `state.clone()` branches it.
         Memory is constant in the total length, so any stream can be read piece by piece.
+        Without autograd this runs the decoding engine (`bdh.decode`): sparse-active one-token
+        steps, chunked prefill; with autograd (training through the state) the trunk above.
         """
-        if idx.dim() == 2 and idx.shape[0] != state.batch_size:
-            raise ValueError(
-                f"idx has batch size {idx.shape[0]} but the state holds {state.batch_size} streams"
-            )
-        return self._run(idx, state), state
+        return _decode.model_step(self, idx, state), state
+
+    def decoding_engine(self, options: _decode.DecodeOptions | None = None) -> _decode.Decoder:
+        """The decoding engine for this model (KV path, sparse steps, bf16 weights: see options)."""
+        return _decode.Decoder(self, options)
 
     @torch.no_grad()
     def generate(
@@ -204,10 +207,26 @@ class BDH(nn.Module):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         callback: Callable[[Tensor], None] | None = None,
+        stop: _generate.Stop | None = None,
+        options: _decode.DecodeOptions | None = None,
     ) -> Tensor:
-        """Prefill idx (B, T) once, then decode from the state; returns (B, T + max_new_tokens)."""
+        """Prefill idx (B, T) once, then decode from the state; returns (B, T + max_new_tokens).
+
+        `stop` (an end token id, a string, or a list of them; batch 1) ends generation after the
+        first match, which is kept at the end of the output. Prompts of different lengths:
+        `bdh.generate.generate_batch`.
+        """
         return _generate.generate(
-            self, idx, max_new_tokens, temperature, top_k, top_p, generator, callback
+            self,
+            idx,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            generator,
+            callback,
+            stop=stop,
+            options=options,
         )
 
 

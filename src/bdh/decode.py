@@ -1,0 +1,372 @@
+"""The decoding engine: one token at a time at the cost of the bytes it cannot avoid.
+
+Notation: B streams, t tokens fed at once, nh heads, N neurons per head, n = nh·N, D = n_embd,
+V vocabulary, L layers, T* the key-value/state crossover (`bdh.ops.kv.crossover`).
+
+`Decoder(model).step(idx, state)` computes exactly what `model(idx)` computes for those positions
+(SPEC §2), choosing per call and per layer the cheapest exact way:
+
+- one token from the state S: the recurrent step of SPEC §3, dense or *sparse-active* (only the
+  rows of S, of D_y and of E that belong to firing neurons are read and written; `bdh.ops.sparse`),
+  chosen by the density measured at that step;
+- below T* tokens of context, a key-value cache instead of S (`bdh.ops.kv`), folded into S when the
+  context reaches T*;
+- several tokens (prefill): the model's own trunk in pieces of `prefill_chunk` tokens, so a prompt
+  of any length is read in bounded memory;
+- streams at different positions (prompts of different lengths): per-stream rotary phases.
+
+Decoding is inference: with autograd on (truncated BPTT) `step` falls back to the model's
+differentiable trunk. Weights may be kept in bfloat16 for decoding; the state stays float32.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bdh.ops.common import state_dtype
+from bdh.ops.kv import KVCache, crossover, kv_chunk, kv_token
+from bdh.ops.rope import cos_sin, rotate
+from bdh.ops.sparse import (
+    density,
+    state_step_dense,
+    state_step_sparse,
+    y_path_dense,
+    y_path_sparse,
+)
+from bdh.state import BDHState
+
+CHOICES = ("auto", "dense", "sparse")
+KV_CHOICES = ("auto", "on", "off")
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "model": None}
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How the engine decodes; every choice gives the same logits up to float rounding."""
+
+    # Read/write of the state (or cache) and the y-path: "auto" picks sparse when the measured
+    # density of the step is at most `max_sparse_density`.
+    attention: str = "auto"
+    y_path: str = "auto"
+    max_sparse_density: float = 0.3
+    # Key-value cache below the crossover: "auto" for states made by `Decoder.init_state`.
+    kv: str = "auto"
+    kv_crossover: int | None = None  # None: T* = n·D/(n + D)
+    # Longest piece of a prompt read at once (bounds prefill memory).
+    prefill_chunk: int = 256
+    # "model" keeps the model's weights; "bfloat16" halves the weight bytes read per token.
+    weights: str = "model"
+
+    def __post_init__(self) -> None:
+        for name in ("attention", "y_path"):
+            if getattr(self, name) not in CHOICES:
+                raise ValueError(f"{name} must be one of {CHOICES}, got {getattr(self, name)!r}")
+        if self.kv not in KV_CHOICES:
+            raise ValueError(f"kv must be one of {KV_CHOICES}, got {self.kv!r}")
+        if self.weights not in WEIGHT_DTYPES:
+            raise ValueError(f"weights must be one of {tuple(WEIGHT_DTYPES)}, got {self.weights!r}")
+        if not 0.0 <= self.max_sparse_density <= 1.0:
+            raise ValueError(f"max_sparse_density must be in [0, 1], got {self.max_sparse_density}")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be ≥ 1, got {self.prefill_chunk}")
+        if self.kv_crossover is not None and self.kv_crossover < 1:
+            raise ValueError(f"kv_crossover must be ≥ 1, got {self.kv_crossover}")
+
+
+# ---------------------------------------------------------------------- weights for decoding
+@dataclass
+class DecodeWeights:
+    """The model's weights as decoding reads them (views of the parameters, or bf16 copies)."""
+
+    embed: Tensor  # (V, D)
+    encoder: Tensor  # (nh, D, N)  D_x
+    encoder_v: Tensor  # (nh, D, N)  D_y
+    decoder: Tensor  # (n, D)  E, head-major rows
+    lm_head: Tensor  # (D, V)
+    encoder_v_rows: Tensor | None = None  # (n, D) D_y transposed: active neurons gather rows
+
+    def rows_of_encoder_v(self) -> Tensor:
+        """D_y with one contiguous row per neuron, made on first use (n·D extra floats)."""
+        if self.encoder_v_rows is None:
+            nh, D, N = self.encoder_v.shape
+            self.encoder_v_rows = self.encoder_v.transpose(1, 2).reshape(nh * N, D).contiguous()
+        return self.encoder_v_rows
+
+
+_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, dict[Any, DecodeWeights]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def decode_weights(model: nn.Module, dtype: torch.dtype | None = None) -> DecodeWeights:
+    """Weights for decoding, cached per model and dtype until a parameter changes in place."""
+    params = (model.embed.weight, model.encoder, model.encoder_v, model.decoder, model.lm_head)
+    # _version counts in-place writes (optimizer steps, load_state_dict): a stale copy is rebuilt.
+    key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
+    cache = _WEIGHTS.setdefault(model, {})
+    if key not in cache:
+        cache.clear()
+        tensors = [p.detach() if dtype is None else p.detach().to(dtype) for p in params]
+        cache[key] = DecodeWeights(*tensors)
+    return cache[key]
+
+
+# ---------------------------------------------------------------------- the engine
+class Decoder:
+    """Decodes a BDH model exactly, with sparse-active steps, a KV path and chunked prefill."""
+
+    def __init__(self, model: nn.Module, options: DecodeOptions | None = None) -> None:
+        self.model = model
+        self.options = options or DecodeOptions()
+        self.config = model.config
+        self.act_dtype = state_dtype(model.lm_head.dtype)  # the stream and the state
+        # Densities of the last decoded token, per layer: {"x", "k", "y"} and the paths taken.
+        self.last_stats: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ states
+    @property
+    def crossover(self) -> int:
+        c = self.config
+        return self.options.kv_crossover or crossover(c.n, c.n_embd)
+
+    def init_state(self, batch_size: int = 1) -> BDHState:
+        """An empty state; a key-value cache while the context is below the crossover."""
+        c = self.config
+        damping = self.model.attn.damping
+        if self.options.kv == "off":
+            state = self.model.init_state(batch_size)
+            state.damping = damping
+            return state
+        kv = KVCache.zeros(
+            c.n_layer,
+            batch_size,
+            c.n_head,
+            c.N,
+            c.n_embd,
+            self.crossover,
+            device=self.model.lm_head.device,
+            dtype=self.act_dtype,
+        )
+        return BDHState([], 0, None, kv, damping)
+
+    # ------------------------------------------------------------------ public steps
+    def step(self, idx: Tensor, state: BDHState) -> Tensor:
+        """Feed idx (B, t) at the state's position(s); returns logits (B, t, V), state advanced.
+
+        Inference only: no autograd (use `model.step` to train through the state).
+        """
+        _check_ids(idx, state, self.config.vocab_size)
+        with torch.no_grad():
+            return self._step(idx, state)
+
+    def prefill(self, idx: Tensor, state: BDHState) -> Tensor:
+        """Read a prompt of any length in bounded memory; returns the last logits (B, V)."""
+        _check_ids(idx, state, self.config.vocab_size)
+        last = None
+        for start in range(0, idx.shape[1], self.options.prefill_chunk):
+            last = self.step(idx[:, start : start + self.options.prefill_chunk], state)[:, -1]
+        if last is None:
+            raise ValueError("idx is empty: need at least one token")
+        return last
+
+    def _step(self, idx: Tensor, state: BDHState) -> Tensor:
+        t = idx.shape[1]
+        if state.kv is not None and state.kv.length + t > state.kv.capacity:
+            state.materialise()  # the context reached T*: S is now smaller and cheaper
+        if state.kv is not None:
+            return self._token(idx, state) if t == 1 else self._kv_tokens(idx, state)
+        if t == 1:
+            return self._token(idx, state)
+        return self._prefill_state(idx, state)
+
+    # ------------------------------------------------------------------ several tokens into S
+    def _prefill_state(self, idx: Tensor, state: BDHState) -> Tensor:
+        """The model's trunk in pieces of at most prefill_chunk tokens (bounded memory)."""
+        if state.ragged:
+            return torch.cat([self._prefill_row(idx, state, b) for b in range(idx.shape[0])])
+        size = self.options.prefill_chunk
+        pieces = [
+            self.model._run(idx[:, s : s + size], state) for s in range(0, idx.shape[1], size)
+        ]
+        return torch.cat(pieces, dim=1)
+
+    def _prefill_row(self, idx: Tensor, state: BDHState, b: int) -> Tensor:
+        """Stream b alone, at its own position, written back into the batched state."""
+        assert state.row_pos is not None
+        row = BDHState([S[b : b + 1] for S in state.layers], int(state.row_pos[b]))
+        logits = self._prefill_state(idx[b : b + 1], row)
+        for S, new in zip(state.layers, row.layers, strict=True):
+            S[b : b + 1].copy_(new)
+        state.row_pos[b] = row.pos
+        state.pos = int(state.row_pos.max())
+        return logits
+
+    # ------------------------------------------------------------------ one token
+    def _token(self, idx: Tensor, state: BDHState) -> Tensor:
+        """One token per stream through all layers; idx (B, 1) → logits (B, 1, V)."""
+        c, w = self.config, self._weights()
+        phases = self._phases(state)
+        v = self._ln(w.embed[idx[:, 0]].to(self.act_dtype))  # (B, D)
+        x, self.last_stats = None, []
+        for layer in range(c.n_layer):
+            x = self._neurons(w, v, x)  # (B, nh, N)
+            k = x if phases is None else rotate(x, *phases)  # rope_t(x_t), (B, nh, N)
+            stats = {"x": density(x), "k": density(k)}
+            a = self._ln(self._attend(layer, k, v, state, stats))  # (B, nh, D)
+            u = self._ln(self._y_path(w, x, a, stats))  # (B, D)
+            v = u if c.residual == "neuron" else self._ln(v + u)
+            self.last_stats.append(stats)
+        _advance(state, 1)
+        return _mm(v, w.lm_head).unsqueeze(1)  # (B, 1, V)
+
+    def _neurons(self, w: DecodeWeights, v: Tensor, x_prev: Tensor | None) -> Tensor:
+        """x = relu(v D_x) (B, nh, N); with the neuron-space residual it accumulates (Eq. 8)."""
+        x = F.relu(_mm(v, w.encoder).transpose(0, 1))  # (nh, B, N) → (B, nh, N)
+        if self.config.residual == "neuron" and x_prev is not None:
+            x = x_prev + x
+        return x
+
+    def _phases(self, state: BDHState) -> tuple[Tensor, Tensor] | None:
+        """cos, sin at each stream's position, (B or 1, 1, N): every stream may be elsewhere."""
+        if not self.config.rope:
+            return None
+        freqs = self.model.attn.freqs
+        if not state.ragged:
+            cos, sin = cos_sin(freqs, state.pos, 1)  # the very arithmetic of the other forms
+            return cos.view(1, 1, -1), sin.view(1, 1, -1)
+        pairs = [cos_sin(freqs, int(p), 1) for p in state.positions()]
+        cos = torch.cat([p[0] for p in pairs]).unsqueeze(1)
+        return cos, torch.cat([p[1] for p in pairs]).unsqueeze(1)
+
+    def _sparse(self, choice: str, measured: float) -> bool:
+        if choice == "auto":
+            return measured <= self.options.max_sparse_density
+        return choice == "sparse"
+
+    def _attend(
+        self, layer: int, k: Tensor, v: Tensor, state: BDHState, stats: dict[str, Any]
+    ) -> Tensor:
+        """Read the context with key k (B, nh, N), then write k ⊗ v: → (B, nh, D)."""
+        B, nh, N = k.shape
+        damping = state.damping if state.damping is not None else self.model.attn.damping
+        sparse = self._sparse(self.options.attention, stats["k"])
+        if state.kv is not None:
+            kv = state.kv
+            stats["attention"] = "kv-sparse" if sparse else "kv-dense"
+            return kv_token(
+                k, v, kv.keys[layer], kv.values[layer], kv.length, damping, sparse=sparse
+            )
+        S = _contiguous_state(state, layer)  # (B, nh, N, D)
+        G, D = B * nh, S.shape[-1]
+        kg, vg = k.reshape(G, N), v.unsqueeze(1).expand(B, nh, D).reshape(G, D)
+        if damping is not None:  # λS touches every row: the dense step
+            stats["attention"] = "dense-damped"
+            out = (kg.unsqueeze(1) @ S.view(G, N, D)).squeeze(1)  # read before the decay
+            S.mul_(damping.to(S.dtype).view(1, nh, 1, 1))
+            S.view(G, N, D).addcmul_(kg.unsqueeze(2), vg.unsqueeze(1))
+        elif sparse:
+            stats["attention"] = "sparse"
+            out = state_step_sparse(kg, vg, S.view(G, N, D))
+        else:
+            stats["attention"] = "dense"
+            out = state_step_dense(kg, vg, S.view(G, N, D))
+        return out.view(B, nh, D)
+
+    def _y_path(self, w: DecodeWeights, x: Tensor, a: Tensor, stats: dict[str, Any]) -> Tensor:
+        """u = (x ⊙ relu(a D_y)) E: (B, D), on the active neurons when x is sparse enough."""
+        if self._sparse(self.options.y_path, stats["x"]):
+            u, stats["y"] = y_path_sparse(x, a, w.rows_of_encoder_v(), w.decoder)
+            stats["y_path"] = "sparse"
+        else:
+            u, stats["y"] = y_path_dense(x, a, w.encoder_v, w.decoder)
+            stats["y_path"] = "dense"
+        return u.to(self.act_dtype)
+
+    # ------------------------------------------------------------------ several tokens, KV cache
+    def _kv_tokens(self, idx: Tensor, state: BDHState) -> Tensor:
+        """t tokens read into the key-value cache (the masked form inside): → (B, t, V)."""
+        c, w, kv = self.config, self._weights(), state.kv
+        assert kv is not None
+        B, t = idx.shape
+        freqs = self.model.attn.freqs if c.rope else None
+        v = self._ln(w.embed[idx].to(self.act_dtype)).unsqueeze(1)  # (B, 1, t, D)
+        x = None
+        for layer in range(c.n_layer):
+            x_new = F.relu(_mm(v, w.encoder))  # (B, nh, t, N)
+            x = x_prev_plus(x, x_new) if c.residual == "neuron" else x_new
+            a = kv_chunk(x, v, freqs, kv.keys[layer], kv.values[layer], kv.length, state.damping)
+            y = x * F.relu(_mm(self._ln(a), w.encoder_v))  # (B, nh, t, N)
+            u = self._ln(_mm(y.transpose(1, 2).reshape(B, 1, t, c.n), w.decoder))  # (B, 1, t, D)
+            v = u if c.residual == "neuron" else self._ln(v + u)
+        _advance(state, t)
+        return _mm(v.view(B, t, -1), w.lm_head)
+
+    # ------------------------------------------------------------------ helpers
+    def _weights(self) -> DecodeWeights:
+        return decode_weights(self.model, WEIGHT_DTYPES[self.options.weights])
+
+    def _ln(self, x: Tensor) -> Tensor:
+        """LayerNorm over D without scale or bias; the identity in BDH-Normfree."""
+        return F.layer_norm(x, (x.shape[-1],), eps=1e-5) if self.config.layernorm else x
+
+
+def x_prev_plus(x_prev: Tensor | None, x: Tensor) -> Tensor:
+    return x if x_prev is None else x_prev + x
+
+
+def _mm(a: Tensor, w: Tensor) -> Tensor:
+    """a @ w in the weights' precision, back to a's (float32) precision."""
+    return (a.to(w.dtype) @ w).to(a.dtype)
+
+
+def _advance(state: BDHState, t: int) -> None:
+    state.pos += t
+    if state.row_pos is not None:
+        state.row_pos += t
+    if state.kv is not None:
+        state.kv.length += t
+
+
+def _contiguous_state(state: BDHState, layer: int) -> Tensor:
+    S = state.layers[layer]
+    if not S.is_contiguous():
+        S = state.layers[layer] = S.contiguous()
+    return S
+
+
+def model_step(model: nn.Module, idx: Tensor, state: BDHState) -> Tensor:
+    """`BDH.step`: the engine for inference, the model's differentiable trunk for training."""
+    if not _needs_autograd(model):
+        return Decoder(model).step(idx, state)
+    if state.kv is not None or state.ragged:
+        raise ValueError("a key-value or ragged state is for decoding only: use torch.no_grad()")
+    _check_ids(idx, state, model.config.vocab_size)
+    return model._run(idx, state)
+
+
+def _needs_autograd(model: nn.Module) -> bool:
+    """Training through the state (truncated BPTT) and dropout need the differentiable trunk."""
+    if model.training and model.config.dropout > 0:
+        return True
+    return torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+
+
+def _check_ids(idx: Tensor, state: BDHState, vocab_size: int) -> None:
+    """One-line errors for the mistakes a caller can make with the ids or the state."""
+    if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"idx must be (B, t) integer token ids, got {tuple(idx.shape)} {idx.dtype}"
+        )
+    if idx.shape[0] != state.batch_size:
+        raise ValueError(
+            f"idx has batch size {idx.shape[0]} but the state holds {state.batch_size} streams"
+        )
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= vocab_size):
+        bad = int(idx.max()) if int(idx.max()) >= vocab_size else int(idx.min())
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
