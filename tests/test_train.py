@@ -49,6 +49,15 @@ def test_warmup_then_cosine_or_linear_decay_to_min_lr():
     assert lr_at(10**6, TrainConfig(lr=1.0, max_steps=10)) == pytest.approx(0.1)  # lr / 10
 
 
+def test_a_time_budget_drives_the_decay_and_stops_the_run(tmp_path, text_file):
+    cfg = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=100, max_minutes=1.0)
+    assert lr_at(10, cfg, elapsed=30.0) == pytest.approx(0.5)  # the clock is ahead: half way
+    assert lr_at(90, cfg, elapsed=30.0) == pytest.approx(lr_at(90, cfg))  # the steps are ahead
+    result = train(_cfg(tmp_path, text_file, max_steps=10_000, max_minutes=1e-4), **QUIET)
+    assert result.status == "done" and result.step < 10_000
+    assert load_checkpoint(tmp_path / "run", training=True).training["step"] == result.step
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("batch_size", 0), ("lr", -1.0), ("decay", "step"), ("tokenizer", "chars"), ("beta2", 1.0)],

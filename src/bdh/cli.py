@@ -12,12 +12,14 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from bdh.baseline.presets import LADDER, QUICK_LADDER
 from bdh.data import NAMED_CORPORA
 from bdh.train import TrainConfig
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C
 DEFAULTS = TrainConfig()
+LADDER_SIZES = [*LADDER, *QUICK_LADDER]
 
 # Verbs register themselves here: name -> (help, add arguments, run).
 Verb = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -45,7 +47,12 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     add = p.add_argument
     g = p.add_argument_group("model")
     g.add_argument("--model", help=f"model kind: bdh or gpt {_default('model')}")
-    g.add_argument("--preset", help=f"named shape: reference, small, tiny {_default('preset')}")
+    g.add_argument(
+        "--preset",
+        help="named shape: reference, small, tiny (bdh); small, tiny (gpt); or a size of the"
+        f" parameter-matched ladder, for either model: {', '.join(LADDER_SIZES)} "
+        + _default("preset"),
+    )
     g.add_argument(
         "--config", dest="config_file", metavar="FILE",
         help="JSON object of model config fields applied over the preset, e.g. {\"n_layer\": 2}",
@@ -70,6 +77,11 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-steps", type=int, metavar="N", help=f"optimizer steps {_default('max_steps')}"
     )
+    g.add_argument(
+        "--max-minutes", type=float, metavar="M",
+        help="also stop after M minutes of training steps; the learning-rate decay then follows"
+        " the clock when it is ahead of the steps, so the run ends annealed (default: no limit)",
+    )  # fmt: skip
     g.add_argument(
         "--batch-size", type=int, metavar="B", help=f"rows per micro-batch {_default('batch_size')}"
     )
@@ -129,6 +141,12 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help=f"checkpoint every N steps {_default('ckpt_interval')}",
+    )
+    g.add_argument(
+        "--log-interval",
+        type=int,
+        metavar="N",
+        help=f"with --no-progress, a log line every N steps {_default('log_interval')}",
     )
     add(
         "--resume",

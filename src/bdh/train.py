@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdh import data as bdh_data
+from bdh.baseline.presets import preset_config
 from bdh.checkpoint import (
     RUN_SUBDIR,
     Checkpoint,
@@ -66,6 +67,9 @@ class TrainConfig:
     bpe_vocab_size: int = 1024
     batches: str = "random"  # "random" offsets or temporally coherent "stream"s
     max_steps: int = 1000
+    # Also stop after this many minutes of training steps (evaluation and saving not counted).
+    # Runs then depend on the machine's speed, so exact resume holds only without it.
+    max_minutes: float | None = None
     batch_size: int = 32
     block_size: int = 64
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -80,6 +84,7 @@ class TrainConfig:
     eval_interval: int = 250
     eval_batches: int = 16
     ckpt_interval: int = 500
+    log_interval: int = 50  # a log line every N steps when there is no progress bar
     seed: int = 1337
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
 
@@ -88,7 +93,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         positive = ("max_steps", "batch_size", "block_size", "grad_accum", "bpe_vocab_size")
-        positive += ("eval_interval", "eval_batches", "ckpt_interval")
+        positive += ("eval_interval", "eval_batches", "ckpt_interval", "log_interval")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -96,6 +101,8 @@ class TrainConfig:
         for name in ("warmup_steps", "threads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ConfigError(f"max_minutes must be > 0, got {self.max_minutes!r}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
@@ -127,18 +134,27 @@ def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup over warmup_steps, then cosine or linear decay from lr to min_lr."""
+def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
+    """Linear warmup over warmup_steps, then cosine or linear decay from lr to min_lr.
+
+    With a time budget the decay follows whichever is further along, the steps or the clock, so
+    a run stopped by `max_minutes` still ends at min_lr.
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.decay == "constant":
         return cfg.lr
     span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    progress = min(1.0, max((step - cfg.warmup_steps) / span, time_fraction(cfg, elapsed)))
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     weight = 1.0 - progress if cfg.decay == "linear" else cosine
     min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
     return min_lr + (cfg.lr - min_lr) * weight
+
+
+def time_fraction(cfg: TrainConfig, elapsed: float) -> float:
+    """Share of the time budget used by `elapsed` seconds of training steps (0 without one)."""
+    return 0.0 if cfg.max_minutes is None else elapsed / (60.0 * cfg.max_minutes)
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -299,7 +315,7 @@ def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> Any:
     fields: dict[str, Any] = {"vocab_size": vocab_size}
     if cfg.config_file is not None:
         fields |= _read_json_object(cfg.config_file)
-    return kind.config_class.from_name(cfg.preset, **fields)
+    return preset_config(kind.config_class, cfg.preset, **fields)  # ladder sizes too
 
 
 def _read_json_object(path: str) -> dict[str, Any]:
@@ -536,8 +552,8 @@ def _loop(
     say = bar.write if progress else log
     loss, val, ckpt = None, None, None
     run.model.train()
-    while run.step < cfg.max_steps:
-        lr = lr_at(run.step, cfg)
+    while run.step < cfg.max_steps and time_fraction(cfg, run.elapsed) < 1:
+        lr = lr_at(run.step, cfg, run.elapsed)
         start = time.perf_counter()
         loss, norm = _train_step(run, lr)
         if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -555,7 +571,10 @@ def _loop(
         metrics.write(record)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
-        last = run.step == cfg.max_steps
+        if not progress and run.step % cfg.log_interval == 0:
+            rate = run.tokens_seen / max(run.elapsed, 1e-9)
+            log(f"step {run.step}: loss {loss:.4f}, lr {lr:.2e}, {rate:,.0f} tok/s")
+        last = run.step == cfg.max_steps or time_fraction(cfg, run.elapsed) >= 1
         if run.step % cfg.eval_interval == 0 or last:
             val = estimate(run.model, run.val_tokens, run.tokenizer.bytes_per_token, cfg)
             metrics.write({"step": run.step, "val_loss": val.loss, "val_bpb": val.bpb})
