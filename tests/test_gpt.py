@@ -10,8 +10,8 @@ import torch
 
 from bdh import BDH
 from bdh.baseline import GPT, GPTConfig, flops_per_token, matched_pair, param_gap
-from bdh.baseline.presets import LADDER, MATCH_TOLERANCE, QUICK_LADDER
-from bdh.config import ConfigError
+from bdh.baseline.presets import LADDER, MATCH_TOLERANCE, QUICK_LADDER, preset_config
+from bdh.config import BDHConfig, ConfigError
 
 POSITIONS = ["learned", "alibi"]
 
@@ -218,6 +218,20 @@ def test_ladder_follows_the_paper_rule():
     assert [b.n for b in bdhs] == sorted({b.n for b in bdhs})
     for small, big in itertools.pairwise(gpts):
         assert big.n_embd > small.n_embd and big.n_layer > small.n_layer
+
+
+def test_every_ladder_size_is_a_preset_of_both_models():
+    for size in [*LADDER, *QUICK_LADDER]:
+        bdh_config, gpt_config = matched_pair(size)
+        assert preset_config(BDHConfig, size) == bdh_config
+        assert preset_config(GPTConfig, size) == gpt_config
+    # Fields of a --config file apply over a ladder size; named presets still work.
+    assert preset_config(GPTConfig, "1m", vocab_size=128).vocab_size == 128
+    assert preset_config(BDHConfig, "small") == BDHConfig.from_name("small")
+    with pytest.raises(ConfigError, match=r"unknown preset 'huge'.*ladder size: 360k"):
+        preset_config(GPTConfig, "huge")
+    with pytest.raises(ConfigError, match="unknown GPT config field"):
+        preset_config(GPTConfig, "1m", neurons=3)
 
 
 def test_generate_checks_sampling_arguments():

@@ -12,8 +12,12 @@ The rule, following the paper (§4.2, Fig. 7):
   shape was chosen first on the (depth, width) ladder; the BDH multiplier is then the integer that
   brings BDH closest to it. `tests/test_gpt.py` checks every pair.
 
-Two ladders: `LADDER` (≈1M, 3M, 10M; the real experiment) and `QUICK_LADDER` (≈70k-470k; a smoke
-test for CI that runs in seconds and says nothing about scaling).
+Two ladders: `LADDER` (≈0.36M, 1M, 3M, 10M) and `QUICK_LADDER` (≈70k-470k; a smoke test for CI
+that runs in seconds and says nothing about scaling). On 2 shared CPU cores the scaling experiment
+runs 360k/1m/3m by default: BDH at 10M trains at ~50 tokens/s there, too slow for a useful budget.
+
+Every ladder name is also a `--preset` of both models (`preset_config`), so
+`bdh train --model gpt --preset 1m` trains the GPT that `--model bdh --preset 1m` is matched with.
 
 Per-token compute differs a lot at equal parameters: BDH re-applies its shared weights L times and
 its attention runs in the neuron dimension n, so it spends ~5x the FLOPs of the matched GPT per
@@ -24,7 +28,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from bdh.baseline.gpt import GPTConfig
+from bdh.baseline.gpt import GPT_PRESETS, GPTConfig
+from bdh.config import PRESETS as BDH_PRESETS
 from bdh.config import BDHConfig, ConfigError
 
 MATCH_TOLERANCE = 0.03
@@ -35,6 +40,7 @@ _GPT_BASE: dict[str, Any] = {"position": "alibi", "dropout": 0.0}
 
 # size -> (BDH multiplier, GPT (n_layer, n_embd, n_head))
 LADDER: dict[str, tuple[int, tuple[int, int, int]]] = {
+    "360k": (6, (3, 96, 3)),  # BDH n=768: 360,448 params; GPT 360,288
     "1m": (20, (4, 144, 4)),  # BDH n=2,560: 1,048,576 params; GPT 1,039,968
     "3m": (54, (6, 192, 6)),  # BDH n=6,912: 2,719,744 params; GPT 2,718,720
     "10m": (201, (8, 320, 8)),  # BDH n=25,728: 9,945,088 params; GPT 9,946,240
@@ -63,6 +69,26 @@ def matched_pair(size: str, **common: Any) -> tuple[BDHConfig, GPTConfig]:
         **{**_GPT_BASE, "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, **common}
     )
     return bdh, gpt
+
+
+def preset_config(config_class: type, name: str, **fields: Any) -> Any:
+    """The config of a named preset of `config_class` (BDHConfig or GPTConfig), where a ladder
+    size is a preset of both models; `fields` (e.g. vocab_size) override the preset's."""
+    named = {BDHConfig: BDH_PRESETS, GPTConfig: GPT_PRESETS}.get(config_class)
+    ladders = {**LADDER, **QUICK_LADDER}
+    if named is None:  # another registered model kind: only its own presets
+        return config_class.from_name(name, **fields)
+    if name in named:
+        return config_class.from_name(name, **fields)
+    if name not in ladders:
+        raise ConfigError(
+            f"unknown preset {name!r}; choose one of {', '.join(named)}"
+            f" or a ladder size: {', '.join(ladders)}"
+        )
+    bdh, gpt = matched_pair(name)
+    base = bdh if config_class is BDHConfig else gpt
+    # from_dict, not replace: an unknown field in a --config file is a one-line ConfigError.
+    return config_class.from_dict({**base.to_dict(), **fields})
 
 
 def param_gap(bdh: BDHConfig, gpt: GPTConfig) -> float:
