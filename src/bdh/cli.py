@@ -34,6 +34,11 @@ def verb(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], No
     return register
 
 
+def _bar(disabled: bool) -> bool:
+    """A progress bar only on a terminal; logs and pipes get plain lines instead."""
+    return not disabled and sys.stderr.isatty()
+
+
 def _default(name: str) -> str:
     return f"(default: {getattr(DEFAULTS, name)})"
 
@@ -146,7 +151,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
         "--log-interval",
         type=int,
         metavar="N",
-        help=f"with --no-progress, a log line every N steps {_default('log_interval')}",
+        help=f"without a progress bar, a log line every N steps {_default('log_interval')}",
     )
     add(
         "--resume",
@@ -154,7 +159,11 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
         help="continue the run in --out from its checkpoint; options given here replace"
         " the saved ones",
     )
-    add("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    add(
+        "--no-progress",
+        action="store_true",
+        help="log lines instead of a progress bar (the default when stderr is not a terminal)",
+    )
 
 
 @verb("train", "train a model and save checkpoints", _train_arguments)
@@ -168,7 +177,7 @@ def _train(args: argparse.Namespace) -> int:
         if not args.resume
         else TrainConfig(out=given.get("out", DEFAULTS.out))
     )
-    result = train(cfg, resume=args.resume, overrides=given, progress=not args.no_progress)
+    result = train(cfg, resume=args.resume, overrides=given, progress=_bar(args.no_progress))
     if result.status == "interrupted":
         return EXIT_INTERRUPTED
     print(f"[train] done at step {result.step}; checkpoint {result.checkpoint}")
@@ -205,7 +214,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from bdh.train import evaluate_checkpoint
 
-    progress = not (args.no_progress or args.json)
+    progress = _bar(args.no_progress or args.json)
     result, what = evaluate_checkpoint(args.ckpt, args.data, args.split, args.batch_size, progress)
     if args.json:
         print(json.dumps({**result.to_dict(), **what}))
