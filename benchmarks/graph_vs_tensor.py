@@ -7,8 +7,9 @@
 
 The held-out passage is taken from the last 10% of --text (how `bdh train` splits a text file), or
 is random token ids when no text is given. Prints one row per model (bdh.graph.compare): the trained
-model, the same weights with one option changed at a time towards the graph model's tensor twin,
-and the graph models; writes the rows as JSON to --json (default benchmarks/results/).
+model, the same weights with one option changed at a time towards the paper's BDH, and the graphs
+(by default: converted with the model's own options, which must agree 100%, and the paper's BDH);
+writes the rows as JSON to --json (default benchmarks/results/graph_vs_tensor.json).
 """
 
 from __future__ import annotations
@@ -63,7 +64,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=128, help="passage length (default 128)")
     p.add_argument("--offset", type=int, default=0, help="first held-out token used")
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
-    p.add_argument("--no-graph", action="store_true", help="only the tensor ladder")
+    p.add_argument(
+        "--rungs",
+        choices=["ends", "all", "none"],
+        default="ends",
+        help="graphs for: the model's own options and the paper's BDH (ends), every rung, none",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="where to write the rows (default benchmarks/results/...)")
     return p.parse_args(argv)
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ids = passage(args, tokenizer, model.config.vocab_size)
     print(f"{what}; config {model.config.to_dict()}")
     print(f"passage: {len(ids)} tokens; dtype {args.dtype}\n")
-    rows = compare(model, ids, graphs=not args.no_graph, dtype=np.dtype(args.dtype))
+    rows = compare(model, ids, rungs=args.rungs, dtype=np.dtype(args.dtype))
     print(table(rows))
     out = Path(args.json) if args.json else RESULTS / "graph_vs_tensor.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,23 +39,34 @@ def test_ladder_changes_one_option_at_a_time():
 
 def test_graphs_match_their_twins_on_a_reference_style_model():
     ids = np.random.default_rng(0).integers(0, 32, 24)
-    rows = compare(small_random(), ids)
+    rows = compare(small_random(), ids, rungs="all")
     graphs = [r for r in rows if r.name.startswith("graph")]
-    assert len(graphs) == 2
+    assert [r.name for r in graphs] == [
+        "graph: as trained",
+        "graph: + neuron residual (Eq. 8)",
+        "graph: + no RoPE",
+        "graph: BDH (paper)",
+    ]
     for r in graphs:
         assert r.top1_vs_twin == 1.0
         assert r.max_rel_diff_vs_twin < 1e-12
     assert rows[0].top1_vs_trained == 1.0
-    assert "graph: BDH (Normfree)" in table(rows)
+    assert graphs[0].top1_vs_trained == 1.0  # the exact conversion predicts what the model does
+    assert "graph: BDH (paper)" in table(rows)
 
 
 def test_a_model_trained_as_the_graph_twin_converts_with_identical_predictions():
-    """Trained with residual="neuron", rope=False: the LN-gain graph *is* the trained model."""
+    """Trained with residual="neuron", rope=False: only the LayerNorm separates it from BDH."""
     model = small_random(residual="neuron", rope=False)
     rows = compare(model, np.random.default_rng(1).integers(0, 32, 24))
-    gains = next(r for r in rows if r.name == "graph: LayerNorm as global gains")
-    assert gains.top1_vs_trained == 1.0
-    assert abs(gains.nll - rows[0].nll) < 1e-9
+    assert [r.name for r in rows] == [
+        "tensor: as trained",
+        "tensor: + Normfree (Eq. 7)",
+        "graph: as trained",
+        "graph: BDH (paper)",
+    ]
+    assert rows[2].top1_vs_trained == 1.0
+    assert abs(rows[2].nll - rows[0].nll) < 1e-9
 
 
 def test_benchmark_script_runs(tmp_path):
@@ -65,4 +76,6 @@ def test_benchmark_script_runs(tmp_path):
     out = tmp_path / "rows.json"
     script.main(["--random", "tiny", "--tokens", "12", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [r["top1_vs_twin"] for r in rows if r["name"].startswith("graph")] == [1.0, 1.0]
+    graphs = [r for r in rows if r["name"].startswith("graph")]
+    assert [r["top1_vs_twin"] for r in graphs] == [1.0, 1.0]
+    assert graphs[0]["top1_vs_trained"] == 1.0

@@ -17,7 +17,12 @@ from bdh.graph import EdgeSet, GraphBDH, Layout, LocalityError, Retention, from_
 from bdh.graph import rules as graph_rules
 from bdh.graph.simulator import local_simulator
 
-LOCAL_RULES = {name for name, rule in graph_rules.RULES.items() if rule.scope != "global"}
+# The paper's BDH: every rule except the global LayerNorm gains and the options beyond the paper.
+LOCAL_RULES = {
+    name
+    for name, rule in graph_rules.RULES.items()
+    if rule.scope != "global" and name not in graph_rules.OPTIONS
+}
 
 
 def tiny_converted(layernorm: bool = False) -> GraphBDH:

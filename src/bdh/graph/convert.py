@@ -4,7 +4,7 @@ With E_ext = [E | embedding] (D × (n + V)): the decoder columns for neurons and
 neurons, the token embeddings that give v_0):
 
     G_x^e − G_x^i = D_x E_ext      G_y^e − G_y^i = D_y E_ext      G_s = all ones
-    read-out      = E lm_head      retention u(i, j) = λ_{head(j)} (BDH-GPU's damping, §6.1)
+    read-out  = E_ext lm_head      retention u(i, j) = λ_{head(j)} (BDH-GPU's damping, §6.1)
 
 Every real matrix is its positive part minus its negative part, so each graph splits into an
 excitatory and an inhibitory graph with disjoint supports. The graph model then computes exactly
@@ -29,13 +29,16 @@ from bdh.config import BDHConfig
 from bdh.graph.edges import EdgeSet, Layout, Retention, as_storage
 from bdh.graph.simulator import GraphBDH
 
-WEIGHT_KEYS = ("encoder", "encoder_v", "decoder", "embed.weight", "lm_head")
+WEIGHT_KEYS = ("encoder", "encoder_v", "decoder", "embed.weight", "lm_head", "attn.freqs")
 
 
-def twin_config(config: BDHConfig, layernorm: bool = False) -> BDHConfig:
-    """The BDH-GPU configuration that computes the same function as the converted graph."""
+def twin_config(
+    config: BDHConfig, layernorm: bool = False, rope: bool = False, residual: str = "neuron"
+) -> BDHConfig:
+    """The BDH-GPU configuration that computes the same function as a graph converted with these
+    options (the defaults: the paper's BDH, i.e. BDH-Normfree with the Eq. 8 residual, no RoPE)."""
     return config.replace(
-        residual="neuron", rope=False, layernorm=layernorm, dropout=0.0, attention="naive"
+        residual=residual, rope=rope, layernorm=layernorm, dropout=0.0, attention="naive"
     )
 
 
@@ -75,17 +78,25 @@ def from_tensor(
     state_dict: dict | None = None,
     config: BDHConfig | None = None,
     layernorm: bool = False,
+    rope: bool = False,
+    residual: str = "neuron",
+    exact: bool = False,
     dtype: Any = np.float64,
     threshold: float = 0.0,
     sparse: bool | None = None,
 ) -> GraphBDH:
     """Convert a `bdh.BDH` (or its state dict + config) into a graph model.
 
-    layernorm: False gives the paper's BDH (Normfree); True keeps BDH-GPU's LayerNorms as global
-    gains. threshold: drop edges with |weight| < threshold (an approximation, makes graphs sparse).
-    sparse: force CSR (True) or dense (False) storage; None decides by density.
+    The defaults give the paper's BDH: Normfree, the neuron-space residual of Eq. 8, no RoPE.
+    layernorm=True keeps BDH-GPU's LayerNorms as global gains; rope=True and
+    residual="reference" add the reference code's rotary phases and d-space residual (options
+    beyond the paper's BDH, rules.py). exact=True takes all three from the model's config, so the
+    graph computes exactly what the model computes. threshold: drop edges with |weight| below it
+    (an approximation; makes graphs sparse). sparse: force CSR (True) or dense (False) storage.
     """
     config = config if config is not None else model.config
+    if exact:
+        layernorm, rope, residual = config.layernorm, config.rope, config.residual
     w = weights_of(model, state_dict)
     n, V = config.n, config.vocab_size
     e_ext = extended_decoder(w, layernorm)  # (n + V, D)
@@ -100,7 +111,7 @@ def from_tensor(
 
     gx_e, gx_i = split("gx", e_ext @ heads_to_columns(w["encoder"]), 0, 0)
     gy_e, gy_i = split("gy", e_ext @ heads_to_columns(w["encoder_v"]), 0, 0)
-    out_e, out_i = split("out", e_ext[:n] @ w["lm_head"], 0, n + V)
+    out_e, out_i = split("out", e_ext @ w["lm_head"], 0, n + V)
     layout = Layout(n=n, vocab=V, n_head=config.n_head, n_layer=config.n_layer)
     return GraphBDH(
         layout=layout,
@@ -113,7 +124,9 @@ def from_tensor(
         out_i=out_i,
         retention=retention_from_damping(config, dtype),
         norm=e_ext.T.astype(dtype) if layernorm else None,
-        meta={"source_config": config.to_dict(), "layernorm": layernorm, "threshold": threshold},
+        freqs=np.tile(w["attn.freqs"].reshape(-1), config.n_head) if rope else None,
+        residual=residual,
+        meta={"source_config": config.to_dict(), "threshold": threshold},
     )
 
 
@@ -134,11 +147,10 @@ def reverse_check(graph: GraphBDH, model: Any) -> dict[str, float]:
     """
     w = weights_of(model)
     e_ext = extended_decoder(w, graph.norm is not None)
-    n = graph.layout.n
     expected = {
         "gx": e_ext @ heads_to_columns(w["encoder"]),
         "gy": e_ext @ heads_to_columns(w["encoder_v"]),
-        "out": e_ext[:n] @ w["lm_head"],
+        "out": e_ext @ w["lm_head"],
     }
     report: dict[str, float] = {}
     for name, W in expected.items():
@@ -160,8 +172,8 @@ def to_tensor(graph: GraphBDH, n_embd: int, tol: float = 1e-8) -> Any:
     """
     from bdh.model import BDH  # local import: the graph package does not need torch.nn otherwise
 
-    if graph.norm is not None:
-        raise ValueError("to_tensor needs a Normfree graph (converted with layernorm=False)")
+    if not graph.is_bdh:
+        raise ValueError("to_tensor needs the paper's BDH: a Normfree graph without options")
     lay, D = graph.layout, n_embd
     if lay.n % D:
         raise ValueError(f"n={lay.n} neurons is not a multiple of n_embd={D}: no BDHConfig fits")
@@ -174,7 +186,7 @@ def to_tensor(graph: GraphBDH, n_embd: int, tol: float = 1e-8) -> Any:
     e_ext = U[:, :D] * S[:D]  # (n + V, D)
     enc = Vt[:D].reshape(D, 2, lay.n_head, lay.N).transpose(1, 2, 0, 3)  # (2, nh, D, N)
     wout = graph.out_e.dense() - graph.out_i.dense()
-    lm_head = np.linalg.lstsq(e_ext[: lay.n], wout, rcond=None)[0]
+    lm_head = np.linalg.lstsq(e_ext, wout, rcond=None)[0]
     config = BDHConfig(
         n_layer=lay.n_layer,
         n_embd=D,

@@ -24,7 +24,6 @@ from bdh.graph.rules import RULES, Rule
 if TYPE_CHECKING:
     from bdh.graph.edges import EdgeSet, Retention
 
-NEURON_VARS = ("X", "Y", "Xe", "Xi", "Ye", "Yi", "A", "stimulus", "head")
 EDGE_VARS = ("sigma", "u", "w")
 LN_EPS = 1e-5  # LayerNorm's eps in BDH-GPU (SPEC §2)
 
@@ -41,11 +40,17 @@ class NeuronState:
     Yi: np.ndarray
     A: np.ndarray  # (nh, n_nodes): one compartment per head
     stimulus: np.ndarray
+    # Options beyond the paper's BDH (rules.py): RoPE keys and oscillators, the d-space residual.
+    K: np.ndarray
+    Z: np.ndarray
+    cos: np.ndarray
+    sin: np.ndarray
+    clock: np.ndarray
 
     @classmethod
     def zeros(cls, n_nodes: int, n_head: int, dtype: np.dtype) -> NeuronState:
-        vec = [np.zeros(n_nodes, dtype) for _ in range(7)]
-        return cls(*vec[:6], np.zeros((n_head, n_nodes), dtype), vec[6])
+        vec = [np.zeros(n_nodes, dtype) for _ in range(12)]
+        return cls(*vec[:6], np.zeros((n_head, n_nodes), dtype), *vec[6:])
 
 
 # ====================================================================== the vectorised rounds
@@ -92,15 +97,15 @@ class VectorOps:
 
     # --- edge rules on the synapses σ_l (edges of G_s)
     def infer(self, sim: Any, layer: int) -> None:
-        s, lay = sim.state, sim.model.layout
-        s.A[:, : lay.n_src] += sim.sigma[layer].read(self.emit(s.X[: lay.n]), sim.head_onehot).T
+        lay, xk = sim.model.layout, sim.key_activity()
+        sim.state.A[:, : lay.n_src] += sim.sigma[layer].read(self.emit(xk), sim.head_onehot).T
 
     def decay(self, sim: Any, layer: int) -> None:
         sim.model.retention.apply(sim.sigma[layer])
 
     def hebb(self, sim: Any, layer: int) -> None:
-        s, lay = sim.state, sim.model.layout
-        sim.sigma[layer].potentiate(s.Y[: lay.n_src], s.X[: lay.n])
+        lay = sim.model.layout
+        sim.sigma[layer].potentiate(sim.state.Y[: lay.n_src], sim.key_activity())
 
     # --- edge rules on the fixed graphs
     def y_excite(self, sim: Any, layer: int) -> None:
@@ -138,6 +143,37 @@ class VectorOps:
     def norm_y(self, sim: Any, layer: int) -> None:
         s, norm, n = sim.state, sim.model.norm, sim.model.layout.n
         s.Y[:n] *= ln_gain(norm[:, :n] @ s.Y[:n])
+
+    def norm_z(self, sim: Any, layer: int) -> None:
+        s, norm = sim.state, sim.model.norm
+        s.Z[: norm.shape[1]] *= ln_gain(norm @ s.Z[: norm.shape[1]])
+
+    # --- options beyond the paper's BDH (rules.py): RoPE and the reference's d-space residual
+    def oscillate(self, sim: Any, layer: int) -> None:
+        s, n = sim.state, sim.model.layout.n
+        angle = ((s.clock[:n] * sim.model.freqs) % 1.0) * (2.0 * np.pi)
+        s.cos[:n], s.sin[:n] = np.cos(angle), np.sin(angle)
+        s.clock[:n] += 1.0
+
+    def key_self(self, sim: Any, layer: int) -> None:
+        n = sim.model.layout.n
+        sim.state.K[:n] = sim.state.cos[:n] * sim.state.X[:n]
+
+    def key_pair(self, sim: Any, layer: int) -> None:
+        s, n = sim.state, sim.model.layout.n
+        s.K[:n] += s.sin[:n] * sim.model.pairs.push(s.X[:n])
+
+    def residual_start(self, sim: Any, layer: int) -> None:
+        sim.state.Z[:] = sim.state.stimulus
+
+    def residual_add(self, sim: Any, layer: int) -> None:
+        sim.state.Z += sim.state.Y
+
+    def emit_z(self, sim: Any, layer: int) -> None:
+        sim.state.Y[:] = sim.state.Z
+
+    def reset_x(self, sim: Any, layer: int) -> None:
+        sim.state.X[: sim.model.layout.n] = 0.0
 
 
 def ln_gain(z: np.ndarray) -> float:
@@ -184,9 +220,13 @@ class View:
 
     def __init__(self, sim: Any, layer: int, graph: EdgeSet | None, wrap: Any) -> None:
         s, model = sim.state, sim.model
-        for name in ("X", "Y", "Xe", "Xi", "Ye", "Yi", "A", "stimulus"):
+        for name in ("X", "Y", "Xe", "Xi", "Ye", "Yi", "A", "stimulus", "K", "Z", "cos", "sin"):
             setattr(self, name, wrap(name, getattr(s, name)))
+        self.clock = wrap("clock", s.clock)
+        rope = model.freqs is not None
+        self.Xk = wrap("K" if rope else "X", s.K if rope else s.X)  # logged as what it is
         self.head = wrap("head", model.layout.head())
+        self.freq = wrap("freq", model.freqs)
         self.n_head = model.layout.n_head
         retention: Retention = model.retention
         self.sigma = wrap("sigma", sim.sigma[layer]) if layer >= 0 else None

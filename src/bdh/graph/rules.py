@@ -16,16 +16,23 @@ Variables a body sees through `s` (see `engine.View`):
                                     x of head h reaches i through the synapses of head h's neurons
                stimulus[i]          external input (1 at the sensory neuron of the presented token)
                head[i]              static: the head neuron i belongs to (-1 for sensory / output)
+               Xk[i]                the activity the synapses see as key / query: X itself, or
+                                    with RoPE its rotated form K (options below)
     edge i→j:  w[i, j]              the weight of the graph the rule runs on (G_s, G_x^e, ...)
                sigma[i, j], u[i, j] synapse state σ_l and its retention (edges of G_s)
 
 One token runs TOKEN_START, INPUT, then per layer ROUND_0 .. ROUND_3 (4 rounds, SPEC §4 table; the
 last layer's round 3 is replaced by READOUT). Within a round the listed rules run in order; within
 one rule the edges (or neurons) are independent, so their order does not matter.
+
+Options beyond the paper's BDH (the end of this file) let a graph compute BDH-GPU exactly as the
+reference trains it: RoPE (each neuron an oscillator; a key is rotated with its pair partner along
+one extra edge) and the reference's d-space residual (a per-neuron accumulator Z).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +54,7 @@ class Rule:
 def infer(s: Any, i: int, j: int) -> None:
     # Round 4l: A(i) += σ(i, j)·X(j). The query x_{t,l} reads the state written by earlier tokens
     # (read before write: a token never sees itself); Eq. 6's σ_{t-1,l} x_{t,l}.
-    s.A[s.head[j], i] += s.sigma[i, j] * s.X[j]
+    s.A[s.head[j], i] += s.sigma[i, j] * s.Xk[j]
 
 
 def decay(s: Any, i: int, j: int) -> None:
@@ -58,7 +65,7 @@ def decay(s: Any, i: int, j: int) -> None:
 def hebb(s: Any, i: int, j: int) -> None:
     # Round 4l+1: Hebbian potentiation σ(i, j) += G_s(i, j)·Y(i)·X(j) with Y = y_{t,l-1} (values)
     # and X = x_{t,l} (keys): the (y xᵀ) ⊙ G_s of Eq. 6.
-    s.sigma[i, j] += s.w[i, j] * s.Y[i] * s.X[j]
+    s.sigma[i, j] += s.w[i, j] * s.Y[i] * s.Xk[j]
 
 
 def y_excite(s: Any, i: int, k: int) -> None:
@@ -119,6 +126,47 @@ def logit(s: Any, k: int) -> None:
     s.X[k] = s.Xe[k] - s.Xi[k]
 
 
+# ------------------------------------------------------------------ options beyond the paper
+def oscillate(s: Any, i: int) -> None:
+    # RoPE (BDH-GPU's rotary phases, SPEC §2): neuron i is an oscillator with its own frequency;
+    # at token t its phase is frac(t·freq)·2π. `clock` counts the tokens this neuron has seen.
+    angle = ((s.clock[i] * s.freq[i]) % 1.0) * (2.0 * math.pi)
+    s.cos[i] = math.cos(angle)
+    s.sin[i] = math.sin(angle)
+    s.clock[i] += 1.0
+
+
+def key_self(s: Any, i: int) -> None:
+    # RoPE, own half: K(2m) = cos·X(2m) − sin·X(2m+1), K(2m+1) = cos·X(2m+1) + sin·X(2m).
+    s.K[i] = s.cos[i] * s.X[i]
+
+
+def key_pair(s: Any, i: int, j: int) -> None:
+    # RoPE, the partner's half, along the pair edge i → j (weight −1 into even j, +1 into odd j).
+    s.K[j] += s.w[i, j] * s.sin[j] * s.X[i]
+
+
+def residual_start(s: Any, i: int) -> None:
+    # Reference residual: v_0 = E_ext z_0 with z_0 the token's sensory one-hot.
+    s.Z[i] = s.stimulus[i]
+
+
+def residual_add(s: Any, i: int) -> None:
+    # Reference residual in neuron space: v_l = v_{l-1} + E y_l, i.e. z_l = z_{l-1} + y_l; the
+    # LayerNorm scales of v_l and of E y_l are global gains (norm_y, norm_z).
+    s.Z[i] += s.Y[i]
+
+
+def emit_z(s: Any, i: int) -> None:
+    # What a neuron sends on (values, the x-path, the read-out) is now z_l: Y carries it.
+    s.Y[i] = s.Z[i]
+
+
+def reset_x(s: Any, i: int) -> None:
+    # Reference residual: x_{l+1} = relu(D_x v_l) is fresh, not accumulated as in Eq. 8.
+    s.X[i] = 0.0
+
+
 RULES: dict[str, Rule] = {
     r.name: r
     for r in (
@@ -142,6 +190,15 @@ RULES: dict[str, Rule] = {
         # engine.VectorOps.norm_a / norm_y. They have no local body on purpose.
         Rule("norm_a", lambda s: None, "global", paper="Eq. 8 LN(a) (BDH-GPU only)"),
         Rule("norm_y", lambda s: None, "global", paper="Eq. 8 LN(E y) (BDH-GPU only)"),
+        # Options beyond the paper's BDH (BDH-GPU as the reference code trains it).
+        Rule("oscillate", oscillate, "neuron", nodes="neurons", paper="SPEC §2 RoPE phases"),
+        Rule("key_self", key_self, "neuron", nodes="neurons", paper="SPEC §2 rope_t(x)"),
+        Rule("key_pair", key_pair, "edge", "pairs", paper="SPEC §2 rope_t(x)"),
+        Rule("residual_start", residual_start, "neuron", paper="SPEC §2 v_0 = LN(embed)"),
+        Rule("residual_add", residual_add, "neuron", paper="SPEC §2 v ← LN(v + LN(E y))"),
+        Rule("emit_z", emit_z, "neuron", paper="SPEC §2 residual stream"),
+        Rule("reset_x", reset_x, "neuron", nodes="neurons", paper="SPEC §2 x = relu(v D_x)"),
+        Rule("norm_z", lambda s: None, "global", paper="SPEC §2 LN(v + u) (BDH-GPU only)"),
     )
 }
 
@@ -152,3 +209,7 @@ ROUND_1 = ("hebb", "reset_y")
 ROUND_2 = ("y_excite", "y_inhibit", "fire_y", "reset_a")
 ROUND_3 = ("x_excite", "x_inhibit", "fire_x")
 READOUT = ("out_excite", "out_inhibit", "logit")
+ROPE_KEYS = ("key_self", "key_pair")  # before round 4l: an extra round along the pair edges
+# Rules that only the options beyond the paper's BDH use (RoPE, reference residual).
+OPTIONS = ("oscillate", "key_self", "key_pair", "residual_start", "residual_add", "emit_z")
+OPTIONS += ("reset_x", "norm_z")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
@@ -45,7 +46,21 @@ class GraphBDH:
     out_i: EdgeSet
     retention: Retention = field(default_factory=Retention)
     norm: np.ndarray | None = None
+    # Options beyond the paper's BDH (rules.py): per-neuron RoPE frequencies (turns per token)
+    # and the residual ("neuron": Eq. 8; "reference": BDH-GPU's d-space residual).
+    freqs: np.ndarray | None = None
+    residual: str = "neuron"
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.residual not in ("neuron", "reference"):
+            raise ValueError(f"residual must be 'neuron' or 'reference', got {self.residual!r}")
+        self.pairs = pair_edges(self.layout.n, self.dtype) if self.freqs is not None else None
+
+    @property
+    def is_bdh(self) -> bool:
+        """True for the paper's BDH: no LayerNorm gains, no RoPE, the neuron-space residual."""
+        return self.norm is None and self.freqs is None and self.residual == "neuron"
 
     @property
     def dtype(self) -> np.dtype:
@@ -104,24 +119,39 @@ class Simulator:
 
     def step(self, token: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Feed one token; returns x (L, n), y (L, n) of this token and its logits (V,)."""
-        lay, s = self.model.layout, self.state
-        ln = self.model.norm is not None
+        m, s = self.model, self.state
+        lay, ln, rope, ref = m.layout, m.norm is not None, m.freqs is not None, m.residual
         s.stimulus[:] = 0.0
         s.stimulus[lay.n + token] = 1.0  # the sensory neuron of this token
         self._round(rules.TOKEN_START, -1)
+        self._round(("oscillate",) if rope else (), -1)
+        self._round(("residual_start",) if ref == "reference" else (), -1)
         self._round(rules.INPUT, -1)
-        xs, ys = np.zeros((2, lay.n_layer, lay.n), self.model.dtype)
+        xs, ys = np.zeros((2, lay.n_layer, lay.n), m.dtype)
         for layer in range(lay.n_layer):
             xs[layer] = s.X[: lay.n]  # x_{t,l}
+            self._round(rules.ROPE_KEYS if rope else (), layer)
             self._round(rules.ROUND_0, layer)
             self._round(rules.ROUND_1, layer)
             self._round(("norm_a",) if ln else (), layer)
             self._round(rules.ROUND_2, layer)
             ys[layer] = s.Y[: lay.n]  # y_{t,l}
             self._round(("norm_y",) if ln else (), layer)
+            if ref == "reference":  # z_l = LN(z_{l-1} + LN(y_l)), then sent on as Y
+                self._round(("residual_add", "norm_z") if ln else ("residual_add",), layer)
+                self._round(("emit_z",), layer)
             last = layer == lay.n_layer - 1
-            self._round(rules.READOUT if last else rules.ROUND_3, -1 if last else layer)
+            if last:
+                self._round(rules.READOUT, -1)
+            else:
+                self._round(("reset_x",) if ref == "reference" else (), layer)
+                self._round(rules.ROUND_3, layer)
         return xs, ys, s.X[lay.outputs].copy()
+
+    def key_activity(self) -> np.ndarray:
+        """What the synapses see as keys and queries: x, or its rotation with RoPE."""
+        n = self.model.layout.n
+        return self.state.K[:n] if self.model.freqs is not None else self.state.X[:n]
 
     def run(self, tokens: Sequence[int], sigma: str = "final") -> Trace:
         if sigma not in ("final", "every", "none"):
@@ -146,6 +176,13 @@ class Simulator:
     def sigma_dense(self) -> np.ndarray:
         """(L, n + V, n): every layer's synapse state as a dense matrix."""
         return np.stack([s.dense() for s in self.sigma])
+
+
+def pair_edges(n: int, dtype: np.dtype) -> EdgeSet:
+    """RoPE's pair graph: 2m+1 → 2m with weight −1 and 2m → 2m+1 with weight +1 (SPEC §2)."""
+    j = np.arange(n)
+    w = sp.csr_array((np.where(j % 2 == 0, -1.0, 1.0).astype(dtype), (j ^ 1, j)), shape=(n, n))
+    return EdgeSet("pairs", (n, n), w)
 
 
 def local_simulator(model: GraphBDH, check: bool = False) -> Simulator:
