@@ -7,6 +7,7 @@ stream and keeps its state: the neuron variables and one synapse state σ_l per 
 
 One token (rules.py): TOKEN_START, INPUT, then for l = 1..L: ROUND_0 .. ROUND_3 (the last layer
 ends with READOUT instead of ROUND_3): 4 rounds per layer, 4L per token, plus input and read-out.
+The options beyond the paper's BDH add their rules at the marked places in `Simulator.step`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class GraphBDH:
 
     gx_e, gx_i, gy_e, gy_i: (n + V) × n, from neurons and sensory neurons to neurons.
     gs: the synapse graph, same shape (None weights = complete, Eq. 9).
-    out_e, out_i: n × V, from neurons to output neurons.
+    out_e, out_i: (n + V) × V, from neurons and sensory neurons to output neurons.
     norm: None for BDH (Normfree, Eq. 7); for a model converted with LayerNorms, the centred
     E_ext (D × (n + V)) that the global LN gains are computed with (engine.VectorOps.norm_a).
     """
@@ -76,7 +77,9 @@ class GraphBDH:
     def __call__(self, idx: Any, targets: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids → logits (B, T, V) (float64) and the cross-entropy if targets."""
         ids = _as_ids(idx, self.layout.vocab)
-        logits = torch.stack([torch.from_numpy(self.run(row).logits) for row in ids])
+        logits = torch.stack(
+            [torch.from_numpy(self.run(row, sigma="none").logits.astype(np.float64)) for row in ids]
+        )
         if targets is None:
             return logits, None
         tgt = torch.as_tensor(np.asarray(targets)).long()
@@ -120,33 +123,39 @@ class Simulator:
     def step(self, token: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Feed one token; returns x (L, n), y (L, n) of this token and its logits (V,)."""
         m, s = self.model, self.state
-        lay, ln, rope, ref = m.layout, m.norm is not None, m.freqs is not None, m.residual
+        lay = m.layout
         s.stimulus[:] = 0.0
         s.stimulus[lay.n + token] = 1.0  # the sensory neuron of this token
         self._round(rules.TOKEN_START, -1)
-        self._round(("oscillate",) if rope else (), -1)
-        self._round(("residual_start",) if ref == "reference" else (), -1)
+        self._round(("oscillate",) if m.freqs is not None else (), -1)
+        self._round(("residual_start",) if m.residual == "reference" else (), -1)
         self._round(rules.INPUT, -1)
         xs, ys = np.zeros((2, lay.n_layer, lay.n), m.dtype)
         for layer in range(lay.n_layer):
             xs[layer] = s.X[: lay.n]  # x_{t,l}
-            self._round(rules.ROPE_KEYS if rope else (), layer)
-            self._round(rules.ROUND_0, layer)
-            self._round(rules.ROUND_1, layer)
-            self._round(("norm_a",) if ln else (), layer)
-            self._round(rules.ROUND_2, layer)
-            ys[layer] = s.Y[: lay.n]  # y_{t,l}
-            self._round(("norm_y",) if ln else (), layer)
-            if ref == "reference":  # z_l = LN(z_{l-1} + LN(y_l)), then sent on as Y
-                self._round(("residual_add", "norm_z") if ln else ("residual_add",), layer)
-                self._round(("emit_z",), layer)
-            last = layer == lay.n_layer - 1
-            if last:
-                self._round(rules.READOUT, -1)
-            else:
-                self._round(("reset_x",) if ref == "reference" else (), layer)
-                self._round(rules.ROUND_3, layer)
+            ys[layer] = self._layer(layer)  # y_{t,l}
         return xs, ys, s.X[lay.outputs].copy()
+
+    def _layer(self, layer: int) -> np.ndarray:
+        """Rounds 4l .. 4l+3 of one layer (READOUT after the last); returns y_{t,l}."""
+        m, s = self.model, self.state
+        ln, ref = m.norm is not None, m.residual == "reference"
+        self._round(rules.ROPE_KEYS if m.freqs is not None else (), layer)
+        self._round(rules.ROUND_0, layer)
+        self._round(rules.ROUND_1, layer)
+        self._round(("norm_a",) if ln else (), layer)
+        self._round(rules.ROUND_2, layer)
+        y = s.Y[: m.layout.n].copy()
+        self._round(("norm_y",) if ln else (), layer)
+        if ref:  # z_l = LN(z_{l-1} + LN(y_l)), then sent on as Y
+            self._round(("residual_add", "norm_z") if ln else ("residual_add",), layer)
+            self._round(("emit_z",), layer)
+        if layer == m.layout.n_layer - 1:
+            self._round(rules.READOUT, -1)
+        else:
+            self._round(("reset_x",) if ref else (), layer)
+            self._round(rules.ROUND_3, layer)
+        return y
 
     def key_activity(self) -> np.ndarray:
         """What the synapses see as keys and queries: x, or its rotation with RoPE."""
@@ -154,6 +163,7 @@ class Simulator:
         return self.state.K[:n] if self.model.freqs is not None else self.state.X[:n]
 
     def run(self, tokens: Sequence[int], sigma: str = "final") -> Trace:
+        """Feed every token; σ after the last token ("final"), after each ("every") or "none"."""
         if sigma not in ("final", "every", "none"):
             raise ValueError(f"sigma must be 'final', 'every' or 'none', got {sigma!r}")
         xs, ys, logits, sigmas = [], [], [], []
