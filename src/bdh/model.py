@@ -21,12 +21,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from bdh import decode as _decode
 from bdh import generate as _generate
 from bdh.config import BDHConfig
-from bdh.ops import FORMS, frequencies
-from bdh.ops.common import state_dtype
+from bdh.ops import FORMS, chunked, frequencies, parallel
+from bdh.ops.common import cheapest_form, keep_mask, state_dtype
+from bdh.ops.rope import RotaryTable
 from bdh.state import BDHState
 
 
@@ -96,6 +98,9 @@ class BDH(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.encoder_v = nn.Parameter(torch.empty(nh, D, N))  # D_y: D → neurons, y-path
         self.lm_head = nn.Parameter(torch.empty(D, V))
+        # Recompute each layer's activations in the backward pass instead of keeping them:
+        # same results, roughly one extra forward of compute for a fraction of the memory.
+        self.recompute = False
         self.reset_parameters()
         # Reference checkpoints come from torch.compile'd models with keys prefixed `_orig_mod.`.
         self.register_load_state_dict_pre_hook(_strip_compile_prefix)
@@ -127,33 +132,83 @@ class BDH(nn.Module):
         B, T = idx.shape
         offset = 0 if state is None else state.pos
         v = self._ln(self.embed(idx)).unsqueeze(1)  # (B, 1, T, D)
+        rotary = self._rotary(offset, T)  # built once, shared by every layer
         x = None
         for layer in range(self.config.n_layer):
-            x = self._neurons(v, x)  # (B, nh, T, N)
             S = None if state is None else state.layers[layer]
-            a, S = self.attn(x, v, S, offset, need_state=state is not None)
+            if self.recompute and torch.is_grad_enabled():
+                # Keep only each layer's inputs; its (B, nh, T, N) activations are rebuilt in
+                # the backward pass (one more forward per layer, a fraction of the memory).
+                x, v, S = checkpoint(self._layer, v, x, S, offset, rotary, use_reentrant=False)
+            else:
+                x, v, S = self._layer(v, x, S, offset, rotary)
             if state is not None:
                 state.layers[layer] = S
-            v = self._mix(x, self._ln(a), v)
         if state is not None:
             state.pos += T
         return v.view(B, T, -1) @ self.lm_head
 
+    def _layer(
+        self, v: Tensor, x: Tensor | None, S: Tensor | None, offset: int, rotary: RotaryTable | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One round of the shared weights: (v, x, S) of layer l−1 → those of layer l."""
+        x = self._neurons(v, x)  # (B, nh, T, N)
+        a, S = self._attend(x, v, S, offset, rotary)  # (B, nh, T, D)
+        return x, self._mix(x, self._ln(a), v), S
+
+    def _rotary(self, offset: int, T: int) -> RotaryTable | None:
+        """The rotation of positions offset .. offset+T−1, or None without rotary phases."""
+        return RotaryTable(self.attn.freqs, offset, T) if self.config.rope else None
+
+    def _attend(
+        self, x: Tensor, v: Tensor, S: Tensor | None, offset: int, rotary: RotaryTable | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Linear attention of x over v; training and scoring take the cheapest exact form.
+
+        An explicitly configured form, and decoding (a state without autograd), go through
+        `Attention`; otherwise the keys are rotated once with the shared table and the masked
+        (block-causal) or chunked form is chosen by its cost for this T (`ops.cheapest_form`).
+        """
+        c = self.config
+        if c.attention != "auto" or (S is not None and not torch.is_grad_enabled()):
+            return self.attn(x, v, S, offset, need_state=S is not None)
+        q = x if rotary is None else rotary.apply(x)  # (B, nh, T, N), rope_t(x_t)
+        kwargs: dict[str, Any] = {"detach_kv": c.no_bptt, "need_state": S is not None}
+        if cheapest_form(x.shape[2], c.N, c.n_embd, c.chunk_size) == "chunked":
+            return chunked(
+                q, v, None, S, offset, self.attn.damping, chunk_size=c.chunk_size, **kwargs
+            )
+        return parallel(q, v, None, S, offset, self.attn.damping, **kwargs)
+
     def _neurons(self, v: Tensor, x_prev: Tensor | None) -> Tensor:
         """x = relu(v D_x); with the paper's Eq. 8 residual, x accumulates in neuron space."""
-        x = F.relu(v @ self.encoder)  # (B, nh, T, N)
+        x = (v @ self.encoder).relu_()  # (B, nh, T, N); in place: the product is not needed again
         if self.config.residual == "neuron" and x_prev is not None:
             x = x_prev + x
         return x
 
     def _mix(self, x: Tensor, a: Tensor, v: Tensor) -> Tensor:
         """y = relu(a D_y) ⊙ x, then back to D through E and into the residual stream."""
-        B, nh, T, N = x.shape
-        y = self.drop(x * F.relu(a @ self.encoder_v))  # (B, nh, T, N)
-        u = self._ln(y.transpose(1, 2).reshape(B, 1, T, nh * N) @ self.decoder)  # (B, 1, T, D)
+        nh, N = x.shape[1], x.shape[3]
+        y = x * (a @ self.encoder_v).relu_()  # (B, nh, T, N)
+        y, scale = self._dropout(y)
+        # E y as Σ_h y_h E_h (E's rows are head-major): one batched product over the heads and
+        # a sum of (B, nh, T, D), instead of copying y into a (B, T, nh·N) concatenation.
+        u = (y @ self.decoder.view(nh, N, -1)).sum(1, keepdim=True)  # (B, 1, T, D)
+        u = self._ln(u if scale == 1.0 else u * scale)
         if self.config.residual == "neuron":
             return u  # Eq. 8: the residual lives in x, v is the fresh E y
         return self._ln(v + u)
+
+    def _dropout(self, y: Tensor) -> tuple[Tensor, float]:
+        """Dropout of y as (masked y, scale): the 1/(1−p) rescale is left to the caller, which
+        applies it to the (B, 1, T, D) product E y instead of to the nh·N-wide y."""
+        p = self.drop.p
+        if not self.training or p == 0.0:
+            return y, 1.0
+        if y.device.type != "cpu" or torch.compiler.is_compiling():
+            return self.drop(y), 1.0  # fused kernels there; the CPU mask below is eager-only
+        return y.mul_(keep_mask(y.shape, p)), 1.0 / (1.0 - p)  # in place: y is fresh
 
     def _check_ids(self, idx: Tensor) -> None:
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):

@@ -10,6 +10,12 @@ Notation: N neurons per head, T positions.
 Phases use *absolute* positions: every form (parallel, chunked, recurrent) must compute the same
 `t · freq` product in the same precision, or the forms drift apart at long contexts. Rotations are
 orthogonal, so ⟨rope_t a, rope_τ b⟩ depends only on t − τ (the paper's U^{t−τ}).
+
+Fast path: when neurons 2j and 2j+1 share a frequency (always, unless someone loads odd buffers),
+the rotation of a pair (v[2j], v[2j+1]) is the complex product (v[2j] + i·v[2j+1])·e^{i·angle}: one
+pass over x instead of the five of `rotate` (swap, negate, stack, two products and a sum). The
+table e^{i·angle} depends only on (positions, frequencies), so the model builds it once per forward
+and shares it across layers (`RotaryTable`).
 """
 
 from __future__ import annotations
@@ -46,5 +52,39 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def rope(x: Tensor, freqs: Tensor, offset: int = 0) -> Tensor:
     """rope_t(x_t) for x (..., T, N) at absolute positions offset .. offset+T−1."""
-    cos, sin = cos_sin(freqs, offset, x.shape[-2])
-    return rotate(x, cos, sin)
+    return RotaryTable(freqs, offset, x.shape[-2]).apply(x)
+
+
+def is_paired(freqs: Tensor) -> bool:
+    """True when neurons 2j and 2j+1 share a frequency, so a pair rotates as one complex number."""
+    f = freqs.reshape(-1)
+    return f.numel() % 2 == 0 and bool(torch.equal(f[0::2], f[1::2]))
+
+
+class RotaryTable:
+    """The rotation for positions offset .. offset+T−1, built once and applied to many tensors.
+
+    Holds e^{i·angle} (T, N/2) for paired frequencies (complex fast path) or cos/sin (T, N).
+    Angles come from `cos_sin`'s `t · freq` product, so every form rotates identically.
+    """
+
+    def __init__(self, freqs: Tensor, offset: int, T: int) -> None:
+        self.offset, self.T = offset, T
+        self.cos, self.sin = cos_sin(freqs, offset, T)  # (T, N) each
+        self.phase: Tensor | None = None
+        if is_paired(freqs) and self.cos.dtype in _COMPLEX:
+            self.phase = torch.complex(self.cos[:, 0::2], self.sin[:, 0::2])  # (T, N/2)
+
+    def apply(self, x: Tensor) -> Tensor:
+        """rope_t(x_t) for x (..., T, N); the complex product where the dtype allows it."""
+        if self.phase is None or x.dtype not in _COMPLEX:
+            return rotate(x, self.cos, self.sin)  # bf16/fp16 have no complex kernels on CPU
+        phase = self.phase.to(_COMPLEX[x.dtype])
+        x = x.contiguous()
+        if x.storage_offset() % 2:  # a complex view must start on a pair boundary
+            x = x.clone()
+        pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # (..., T, N/2)
+        return torch.view_as_real(pairs * phase).flatten(-2)  # (..., T, N)
+
+
+_COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
