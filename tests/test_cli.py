@@ -11,12 +11,17 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from bdh.checkpoint import load_checkpoint
 from bdh.cli import build_parser, main
 from conftest import synthetic_text
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = ["--preset", "tiny", "--batch-size", "4", "--block-size", "16", "--eval-batches", "2"]
+TINY += ["--threads", "1"]
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # for the processes the tests start
 
 
 def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
@@ -31,7 +36,9 @@ def run_dir(tmp_path_factory) -> Path:
     data.write_text(synthetic_text(20_000))
     (root / "ascii.json").write_text('{"vocab_size": 128}')
     args = _train_args(data, root / "run", "--max-steps", "6", "--config", str(root / "ascii.json"))
+    threads = torch.get_num_threads()
     assert main(args) == 0
+    torch.set_num_threads(threads)  # --threads 1 must not leak into the other test modules
     return root / "run"
 
 
@@ -203,7 +210,7 @@ def _bdh(*args: str) -> list[str]:
 
 def test_the_process_exits_non_zero_without_a_traceback(tmp_path):
     done = subprocess.run(
-        _bdh("eval", "--ckpt", str(tmp_path / "x")), capture_output=True, text=True
+        _bdh("eval", "--ckpt", str(tmp_path / "x")), capture_output=True, text=True, env=ONE_THREAD
     )
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
@@ -212,7 +219,9 @@ def test_the_process_exits_non_zero_without_a_traceback(tmp_path):
 def test_ctrl_c_saves_a_checkpoint_first(tmp_path, text_file):
     out = tmp_path / "run"
     args = _train_args(text_file, out, "--max-steps", "100000", "--ckpt-interval", "100000")
-    proc = subprocess.Popen(_bdh(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _bdh(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD
+    )
     deadline = time.time() + 120
     metrics = out / "metrics.jsonl"
     while time.time() < deadline and not (

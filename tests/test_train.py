@@ -18,6 +18,8 @@ from bdh.tokenizer import BPETokenizer, ByteTokenizer
 from bdh.train import TrainConfig, TrainingDiverged, evaluate, lr_at, train
 from conftest import synthetic_text
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 QUIET = {"progress": False, "log": lambda line: None}
 
 
@@ -25,7 +27,7 @@ def _cfg(tmp_path, text_file, name: str = "run", **changes) -> TrainConfig:
     fields = dict(
         data=str(text_file), out=str(tmp_path / name), preset="tiny", max_steps=8,
         batch_size=4, block_size=16, warmup_steps=2, eval_interval=4, eval_batches=2,
-        ckpt_interval=4, lr=3e-3,
+        ckpt_interval=4, lr=3e-3, threads=1,
     )  # fmt: skip
     return TrainConfig(**{**fields, **changes})
 

@@ -121,7 +121,10 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
         "--seed", type=int, help=f"seed of weights, batches and dropout {_default('seed')}"
     )
     g.add_argument(
-        "--threads", type=int, help="torch CPU threads, 0 = torch's default (default: 0)"
+        "--threads",
+        type=int,
+        help="torch CPU threads; 0 = auto: torch's default, or 1 when the other processes"
+        " already keep every core busy (default: 0)",
     )
     g = p.add_argument_group("run")
     g.add_argument(
@@ -265,8 +268,10 @@ def _sample(args: argparse.Namespace) -> int:
     from bdh.checkpoint import load_checkpoint
     from bdh.generate import check_sampling, stream
     from bdh.tokenizer import decode_stream
+    from bdh.train import choose_threads
 
     check_sampling(args.temperature, args.top_k, args.top_p)
+    torch.set_num_threads(choose_threads())
     ckpt = load_checkpoint(args.ckpt)
     idx = torch.from_numpy(ckpt.tokenizer.encode(args.prompt or "\n").astype("int64"))[None]
     generator = torch.Generator().manual_seed(args.seed)
