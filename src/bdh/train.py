@@ -535,12 +535,12 @@ def train(
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train (or resume) the run of `cfg`; with resume, `overrides` replace saved settings."""
-    torch.set_num_threads(choose_threads(cfg.threads, log))
     if not resume and Path(cfg.data).exists():
         # The checkpoint names its data; an absolute path keeps `bdh eval` working from anywhere.
         cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))
     run = _resumed_run(cfg, overrides or {}, log) if resume else _new_run(cfg, log)
     _check_data(run)
+    torch.set_num_threads(choose_threads(run.cfg.threads, log))  # the resumed run's setting
     log(f"[train] model {run.cfg.model}: {_num_params(run.model):,} parameters")
     log(f"[train] model config {json.dumps(run.model_config.to_dict())}")
     log(f"[train] training config {json.dumps(run.cfg.to_dict())}")
