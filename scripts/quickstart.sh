@@ -10,14 +10,14 @@ cd "$(dirname "$0")/.."
 start=$SECONDS
 OUT="${OUT:-runs/quickstart}"
 MINUTES="${MINUTES:-5}"  # training time budget; the learning rate anneals within it
-STEPS="${STEPS:-2000}"   # or this many steps, whichever comes first
+STEPS="${STEPS:-4000}"   # or this many steps, whichever comes first
 
 bash scripts/setup.sh
 
 echo "[quickstart] training the small preset for $MINUTES minutes (at most $STEPS steps) into $OUT"
 .venv/bin/bdh train --data shakespeare --preset small --out "$OUT" \
-    --max-minutes "$MINUTES" --max-steps "$STEPS" --batch-size 32 --block-size 64 \
-    --lr 3e-3 --warmup-steps 50 --eval-interval 100 --ckpt-interval 200 --log-interval 25
+    --max-minutes "$MINUTES" --max-steps "$STEPS" --batch-size 16 --block-size 64 \
+    --lr 3e-3 --warmup-steps 20 --eval-interval 100 --ckpt-interval 200 --log-interval 25
 
 echo "[quickstart] validation (whole held-out works: cymbeline, julius_caesar, passionate_pilgrim, timon_of_athens)"
 .venv/bin/bdh eval --ckpt "$OUT"
