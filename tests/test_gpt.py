@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -11,6 +12,8 @@ import torch
 from bdh import BDH
 from bdh.baseline import GPT, GPTConfig, flops_per_token, matched_pair, param_gap
 from bdh.baseline.presets import LADDER, MATCH_TOLERANCE, QUICK_LADDER, preset_config
+from bdh.checkpoint import load_checkpoint
+from bdh.cli import main
 from bdh.config import BDHConfig, ConfigError
 
 POSITIONS = ["learned", "alibi"]
@@ -232,6 +235,20 @@ def test_every_ladder_size_is_a_preset_of_both_models():
         preset_config(GPTConfig, "huge")
     with pytest.raises(ConfigError, match="unknown GPT config field"):
         preset_config(GPTConfig, "1m", neurons=3)
+
+
+def test_gpt_trains_samples_and_evaluates_through_the_cli(tmp_path, text_file, capsys):
+    """`bdh train --model gpt`: the same commands and checkpoint format as BDH."""
+    out = tmp_path / "run"
+    args = ["train", "--model", "gpt", "--preset", "q70k", "--data", str(text_file)]
+    args += ["--out", str(out), "--max-steps", "3", "--batch-size", "4", "--block-size", "16"]
+    assert main([*args, "--eval-batches", "1", "--no-progress"]) == 0
+    ckpt = load_checkpoint(out)
+    assert ckpt.kind == "gpt" and ckpt.config == matched_pair("q70k")[1]
+    assert main(["sample", "--ckpt", str(out), "--prompt", "The", "--max-new-tokens", "8"]) == 0
+    assert main(["eval", "--ckpt", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["tokens"] > 0 and math.isfinite(result["loss"])
 
 
 def test_generate_checks_sampling_arguments():

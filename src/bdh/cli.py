@@ -289,6 +289,52 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- translate
+
+
+def _translate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="a checkpoint or a run directory")
+    p.add_argument("--from", dest="src", default="en", metavar="LANG", help="(default: en)")
+    p.add_argument("--to", dest="tgt", default="fr", metavar="LANG", help="(default: fr)")
+    p.add_argument(
+        "--max-new-bytes", type=int, metavar="N",
+        help="longest translation in bytes (default: twice the prompt, plus 16)",
+    )  # fmt: skip
+    p.add_argument("text", nargs="*", help="sentences to translate (default: lines of stdin)")
+
+
+@verb(
+    "translate",
+    "translate sentences greedily with a model trained on <F:en>...<T:fr>... streams",
+    _translate_arguments,
+)
+def _translate(args: argparse.Namespace) -> int:
+    from bdh.translation import translate_checkpoint
+
+    texts = args.text or [line.strip() for line in sys.stdin if line.strip()]
+    for line in translate_checkpoint(args.ckpt, texts, args.src, args.tgt, args.max_new_bytes):
+        print(line, flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------- experiment
+
+
+def _experiment_arguments(p: argparse.ArgumentParser) -> None:
+    from bdh.experiments import add_arguments
+
+    add_arguments(p)
+
+
+@verb("experiment", "BDH vs the GPT baseline: scaling or translation, in one command",
+      _experiment_arguments)  # fmt: skip
+def _experiment(args: argparse.Namespace) -> int:
+    from bdh.experiments import run
+
+    run(args)
+    return 0
+
+
 # ---------------------------------------------------------------------------- main
 
 

@@ -183,6 +183,31 @@ def translate(
     return results
 
 
+def translate_checkpoint(
+    path: str | Path,
+    texts: list[str],
+    src_lang: str = "en",
+    tgt_lang: str = "fr",
+    max_new_bytes: int | None = None,
+) -> list[str]:
+    """Load a checkpoint trained on translation streams and translate `texts` greedily."""
+    from bdh.checkpoint import load_checkpoint  # the checkpoint module imports the models
+
+    for name, lang in (("--from", src_lang), ("--to", tgt_lang)):
+        if not lang or any(c in lang for c in "<>\n"):
+            raise ValueError(f"{name} must be a language tag like en or fr, got {lang!r}")
+    if max_new_bytes is not None and max_new_bytes < 1:
+        raise ValueError(f"max_new_bytes must be >= 1, got {max_new_bytes}")
+    ckpt = load_checkpoint(path)
+    # The prompt is fed as raw UTF-8 bytes: a BPE model would read different token ids.
+    if ckpt.tokenizer.kind != "bytes" or ckpt.config.vocab_size < 256:
+        raise ValueError(
+            f"{ckpt.path} was not trained on bytes (tokenizer {ckpt.tokenizer.kind},"
+            f" vocab {ckpt.config.vocab_size}); translation needs a byte-level model"
+        )
+    return translate(ckpt.model.eval(), texts, src_lang, tgt_lang, max_new_bytes)
+
+
 def _greedy_bytes(model: Any, prompts: list[bytes], max_new: int) -> list[bytes]:
     """Decode greedily from equal-length byte prompts until every row hit a stop marker."""
     device = next(model.parameters()).device
