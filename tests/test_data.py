@@ -48,20 +48,21 @@ def test_a_folder_with_one_file_splits_like_a_file(tmp_path, text_file):
     assert data.load_corpus(str(folder)).val == data.load_corpus(str(text_file)).val
 
 
-@pytest.mark.parametrize(
-    ("make", "message"),
-    [
-        (lambda p: p / "missing.txt", "data source not found"),
-        (lambda p: (p / "empty.txt").write_bytes(b"") and p / "empty.txt", "is empty"),
-        (lambda p: p, "no .txt files"),
-    ],
-    ids=["missing", "empty-file", "folder-without-txt"],
-)
-def test_bad_sources_name_the_problem(tmp_path, make, message):
-    path = make(tmp_path)
-    path = tmp_path / "empty.txt" if message == "is empty" else path
-    with pytest.raises(DataError, match=message):
-        data.load_corpus(str(path))
+def test_a_missing_source_names_the_path_and_the_choices(tmp_path):
+    with pytest.raises(DataError, match=r"data source not found: .*missing\.txt.*shakespeare"):
+        data.load_corpus(str(tmp_path / "missing.txt"))
+
+
+def test_an_empty_file(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(DataError, match="is empty"):
+        data.load_corpus(str(tmp_path / "empty.txt"))
+
+
+def test_a_folder_without_text_files(tmp_path):
+    (tmp_path / "notes.md").write_text("not a .txt file")
+    with pytest.raises(DataError, match=r"no \.txt files"):
+        data.load_corpus(str(tmp_path))
 
 
 def test_folder_of_empty_files(tmp_path):

@@ -301,7 +301,7 @@ def evaluate_checkpoint(
 
 @dataclass
 class TrainResult:
-    status: str  # "done", "interrupted" or "diverged"
+    status: str  # "done" or "interrupted" (a diverged run raises TrainingDiverged)
     step: int
     checkpoint: Path | None
     last_loss: float | None
