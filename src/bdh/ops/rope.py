@@ -64,20 +64,21 @@ def is_paired(freqs: Tensor) -> bool:
 class RotaryTable:
     """The rotation for positions offset .. offset+T−1, built once and applied to many tensors.
 
-    Holds e^{i·angle} (T, N/2) for paired frequencies (complex fast path) or cos/sin (T, N).
-    Angles come from `cos_sin`'s `t · freq` product, so every form rotates identically.
+    Holds cos/sin (T, N) and, for paired frequencies, e^{i·angle} (T, N/2) for the complex fast
+    path. Angles come from `cos_sin`'s `t · freq` product, so every form rotates identically.
+    Under torch.compile the pairwise formula is used: the compiler fuses it into one kernel.
     """
 
     def __init__(self, freqs: Tensor, offset: int, T: int) -> None:
         self.offset, self.T = offset, T
         self.cos, self.sin = cos_sin(freqs, offset, T)  # (T, N) each
         self.phase: Tensor | None = None
-        if is_paired(freqs) and self.cos.dtype in _COMPLEX:
+        if not torch.compiler.is_compiling() and self.cos.dtype in _COMPLEX and is_paired(freqs):
             self.phase = torch.complex(self.cos[:, 0::2], self.sin[:, 0::2])  # (T, N/2)
 
     def apply(self, x: Tensor) -> Tensor:
         """rope_t(x_t) for x (..., T, N); the complex product where the dtype allows it."""
-        if self.phase is None or x.dtype not in _COMPLEX:
+        if self.phase is None or x.dtype not in _COMPLEX or torch.compiler.is_compiling():
             return rotate(x, self.cos, self.sin)  # bf16/fp16 have no complex kernels on CPU
         phase = self.phase.to(_COMPLEX[x.dtype])
         x = x.contiguous()
