@@ -64,6 +64,15 @@ def test_read_curve_sums_step_times_up_to_each_validation(tmp_path):
     ]
 
 
+def test_the_two_models_of_a_size_differ_only_in_model_and_optionally_lr():
+    cfg = ScalingConfig(gpt_lr=1e-3)
+    bdh, gpt = cfg.train_config("bdh", "1m"), cfg.train_config("gpt", "1m")
+    assert (bdh.lr, gpt.lr) == (3e-3, 1e-3)
+    differ = {k for k, v in bdh.to_dict().items() if gpt.to_dict()[k] != v}
+    assert differ == {"model", "out", "lr"}
+    assert TranslationConfig().train_config("gpt").lr == TranslationConfig().lr
+
+
 def test_bad_experiment_settings_raise_config_errors():
     with pytest.raises(ValueError, match="unknown ladder size"):
         ScalingConfig(sizes=["2m"])

@@ -52,6 +52,7 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, metavar="B", help="rows per step (default: 8)")
     p.add_argument("--block-size", type=int, metavar="T", help="tokens per row (default: 128)")
     p.add_argument("--lr", type=float, help="peak learning rate of both models (default: 3e-3)")
+    p.add_argument("--gpt-lr", type=float, help="the GPT's peak learning rate (default: --lr)")
     p.add_argument(
         "--eval-tokens", type=int, metavar="N",
         help="held-out tokens of the final loss, the same for every model (default: 65536)",

@@ -47,6 +47,9 @@ class ScalingConfig:
     batch_size: int = 8
     block_size: int = 128
     lr: float = 3e-3
+    # The GPT's own peak lr (None: the same as BDH's). Equal settings are the simplest fair
+    # protocol, but the deeper GPTs of the ladder prefer a lower lr (see the notes).
+    gpt_lr: float | None = None
     warmup_fraction: float = 0.05
     evals: int = 16  # validation points along each run (the loss-vs-time curves)
     eval_batches: int = 4  # blocks per validation point (the same blocks for every run)
@@ -80,6 +83,9 @@ class ScalingConfig:
         )  # fmt: skip
         return cls(**{**fields, **changes})
 
+    def lr_of(self, model: str) -> float:
+        return self.gpt_lr if model == "gpt" and self.gpt_lr is not None else self.lr
+
     @property
     def steps(self) -> int:
         return self.tokens // (self.batch_size * self.block_size)
@@ -90,7 +96,7 @@ class ScalingConfig:
         return TrainConfig(
             data=data, out=str(Path(self.runs) / size / model), model=model, preset=size,
             max_steps=self.steps, batch_size=self.batch_size, block_size=self.block_size,
-            lr=self.lr, warmup_steps=max(1, round(self.warmup_fraction * self.steps)),
+            lr=self.lr_of(model), warmup_steps=max(1, round(self.warmup_fraction * self.steps)),
             eval_interval=max(1, self.steps // self.evals), eval_batches=self.eval_batches,
             ckpt_interval=self.steps, seed=self.seed, threads=self.threads,
         )  # fmt: skip

@@ -36,6 +36,9 @@ class TranslationConfig:
     batch_size: int = 8
     block_size: int = 128
     lr: float = 3e-3
+    # The GPT's own peak lr (None: the same as BDH's). Equal settings are the simplest fair
+    # protocol, but the deeper GPTs of the ladder prefer a lower lr (see the notes).
+    gpt_lr: float | None = None
     warmup_fraction: float = 0.05
     evals: int = 8
     eval_batches: int = 8
@@ -64,6 +67,9 @@ class TranslationConfig:
         )  # fmt: skip
         return cls(**{**fields, **changes})
 
+    def lr_of(self, model: str) -> float:
+        return self.gpt_lr if model == "gpt" and self.gpt_lr is not None else self.lr
+
     @property
     def steps(self) -> int:
         return self.tokens // (self.batch_size * self.block_size)
@@ -80,7 +86,7 @@ class TranslationConfig:
         return TrainConfig(
             data=str(self.dataset), out=str(Path(self.runs) / model), model=model,
             preset=self.size, max_steps=self.steps, batch_size=self.batch_size,
-            block_size=self.block_size, lr=self.lr,
+            block_size=self.block_size, lr=self.lr_of(model),
             warmup_steps=max(1, round(self.warmup_fraction * self.steps)),
             eval_interval=max(1, self.steps // self.evals), eval_batches=self.eval_batches,
             ckpt_interval=self.steps, seed=self.seed, threads=self.threads,
