@@ -126,6 +126,32 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
         help="torch CPU threads; 0 = auto: torch's default, or 1 when the other processes"
         " already keep every core busy (default: 0)",
     )
+    g = p.add_argument_group("paper regime and speed (bdh.distributed, bdh.speed)")
+    g.add_argument(
+        "--carry-state",
+        action=argparse.BooleanOptionalAction,
+        help="carry the attention state S from batch to batch (paper App. B, truncated BPTT:"
+        " detached between batches, reset when the streams wrap); needs --batches stream"
+        f" {_default('carry_state')}",
+    )
+    g.add_argument(
+        "--recompute",
+        action=argparse.BooleanOptionalAction,
+        help="recompute each layer's activations in the backward pass: same results, a fraction"
+        f" of the memory, about a third more compute {_default('recompute')}",
+    )
+    g.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        help="bf16: matrix products under bf16 autocast (fast only with native bf16, e.g."
+        f" AVX512-BF16/AMX); the state stays float32 {_default('precision')}",
+    )
+    g.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile the model (needs a C++ compiler on CPU; eager with a warning"
+        f" otherwise; the first steps compile) {_default('compile')}",
+    )
     g = p.add_argument_group("run")
     g.add_argument(
         "--out",

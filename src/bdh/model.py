@@ -114,9 +114,18 @@ class BDH(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ------------------------------------------------------------------ the forward pass
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """idx (B, T) token ids → logits (B, T, V) and the next-token cross-entropy if targets."""
-        logits = self._run(idx, None)
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, state: BDHState | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """idx (B, T) token ids → logits (B, T, V) and the next-token cross-entropy if targets.
+
+        With a state, the tokens continue the streams it holds (at state.pos) and it is advanced
+        in place: training through a state carried from batch to batch (paper App. B). Going
+        through `forward` keeps wrappers such as DistributedDataParallel in the loop.
+        """
+        if state is not None and (state.kv is not None or state.ragged):
+            raise ValueError("a key-value or ragged state is for decoding only: use model.step")
+        logits = self._run(idx, state)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)

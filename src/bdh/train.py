@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdh import data as bdh_data
+from bdh import distributed
 from bdh.baseline.presets import preset_config
 from bdh.checkpoint import (
     RUN_SUBDIR,
@@ -89,6 +90,12 @@ class TrainConfig:
     log_interval: int = 50  # a log line every N steps when there is no progress bar
     seed: int = 1337
     threads: int = 0  # torch CPU threads; 0 = auto (see `choose_threads`)
+    # The paper's regime and speed options (bdh.distributed, bdh.speed). Only carry_state changes
+    # what is learned: each batch starts from the state S the previous one left (paper App. B).
+    carry_state: bool = False  # needs batches="stream"; the state is detached between batches
+    recompute: bool = False  # recompute each layer in the backward pass: less memory, ~+30% time
+    precision: str = "fp32"  # "bf16": products under bf16 autocast, the state stays float32
+    compile: bool = False  # torch.compile the model (eager, with a warning, where unsupported)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -118,6 +125,7 @@ class TrainConfig:
         _require_choice("decay", self.decay, DECAYS)
         _require_choice("tokenizer", self.tokenizer, TOKENIZER_KINDS)
         _require_choice("batches", self.batches, bdh_data.BATCHES)
+        distributed.validate_options(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -323,6 +331,7 @@ class _Run:
     step: int = 0
     tokens_seen: int = 0
     elapsed: float = 0.0
+    stepper: distributed.Stepper | None = None  # this rank's micro-batches (see _train_step)
 
     @property
     def run_dir(self) -> Path:
@@ -394,7 +403,7 @@ def _new_run(cfg: TrainConfig, log: Callable[[str], None]) -> _Run:
     )
     return _Run(
         cfg, model, model_config, tokenizer, _optimizer(model, cfg), sampler,
-        train_tokens, val_tokens,
+        train_tokens, val_tokens, stepper=distributed.Stepper(model, cfg),
     )  # fmt: skip
 
 
@@ -408,8 +417,9 @@ def _resumed_run(cfg: TrainConfig, overrides: dict[str, Any], log: Callable[[str
     )
     optimizer = _optimizer(ckpt.model, cfg)
     run = _Run(
-        cfg, ckpt.model, ckpt.config, tokenizer, optimizer, sampler, train_tokens, val_tokens
-    )
+        cfg, ckpt.model, ckpt.config, tokenizer, optimizer, sampler, train_tokens, val_tokens,
+        stepper=distributed.Stepper(ckpt.model, cfg),
+    )  # fmt: skip
     _restore_training(run, ckpt)
     log(f"[train] resumed {cfg.out} at step {run.step}")
     return run
@@ -434,6 +444,7 @@ def _training_state(run: _Run) -> dict[str, Any]:
             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
             "torch": torch.get_rng_state(),
         },
+        "stepper": run.stepper.state_dict(),  # collective: every rank calls _save
     }
 
 
@@ -447,18 +458,25 @@ def _restore_training(run: _Run, ckpt: Checkpoint) -> None:
     name, keys, *rest = state["rng"]["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["rng"]["torch"])
+    run.stepper.load_state_dict(state.get("stepper", {}))
 
 
 def _save(run: _Run) -> Path:
     meta = {"train": run.cfg.to_dict(), "step": run.step, "tokens_seen": run.tokens_seen}
-    return save_checkpoint(
-        run.run_dir / RUN_SUBDIR,
-        run.model,
-        run.cfg.model,
-        run.tokenizer,
-        meta=meta,
-        training=_training_state(run),
-    )
+    training = _training_state(run)
+    try:
+        if not run.stepper.is_main:  # rank 0 writes; the others only took part in the gathers
+            return run.run_dir / RUN_SUBDIR
+        return save_checkpoint(
+            run.run_dir / RUN_SUBDIR,
+            run.model,
+            run.cfg.model,
+            run.tokenizer,
+            meta=meta,
+            training=training,
+        )
+    finally:
+        run.stepper.barrier()  # no rank reads the checkpoint before it is complete
 
 
 def _train_step(run: _Run, lr: float) -> tuple[float, float]:
@@ -466,14 +484,16 @@ def _train_step(run: _Run, lr: float) -> tuple[float, float]:
     cfg = run.cfg
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    total = 0.0
-    for _ in range(cfg.grad_accum):
-        x, y = run.sampler.next()
-        _, loss = run.model(x, y)
-        if not torch.isfinite(loss):
-            return float(loss), float("nan")
-        (loss / cfg.grad_accum).backward()
-        total += loss.item()
+    total, stepper = 0.0, run.stepper
+    for i in range(cfg.grad_accum):
+        x, y = stepper.next_batch(run.sampler)  # this rank's rows of the global batch
+        with stepper.sync(last=i == cfg.grad_accum - 1):
+            loss = stepper.loss(x, y)
+            if not stepper.all_finite(loss):
+                return float(loss), float("nan")
+            (loss / cfg.grad_accum).backward()
+        stepper.after_backward()
+        total += stepper.mean(loss.item())
     params = [p for p in run.model.parameters() if p.grad is not None]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -538,18 +558,28 @@ def train(
     if not resume and Path(cfg.data).exists():
         # The checkpoint names its data; an absolute path keeps `bdh eval` working from anywhere.
         cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))
+    if not distributed.world().is_main:  # rank 0 speaks for the run
+        log, progress = _quiet, False
     run = _resumed_run(cfg, overrides or {}, log) if resume else _new_run(cfg, log)
     _check_data(run)
     torch.set_num_threads(choose_threads(run.cfg.threads, log))  # the resumed run's setting
     log(f"[train] model {run.cfg.model}: {_num_params(run.model):,} parameters")
     log(f"[train] model config {json.dumps(run.model_config.to_dict())}")
     log(f"[train] training config {json.dumps(run.cfg.to_dict())}")
-    metrics = _MetricsLog(run.run_dir / METRICS_FILE, run.step)
+    metrics = (
+        _MetricsLog(run.run_dir / METRICS_FILE, run.step)
+        if run.stepper.is_main
+        else distributed.NullLog()
+    )
     try:
         with _stop_on_sigint() as flag:
             return _loop(run, metrics, flag, progress, log)
     finally:
         metrics.close()
+
+
+def _quiet(message: str) -> None:
+    pass
 
 
 def _num_params(model: nn.Module) -> int:
@@ -581,7 +611,8 @@ def _loop(
                 f"stopped at step {run.step + 1}: loss {loss}, gradient norm {norm} (not finite);"
                 f" the last checkpoint in {run.run_dir / RUN_SUBDIR} is kept -- try a lower --lr"
             )
-        dt = time.perf_counter() - start
+        dt = run.stepper.agree_seconds(time.perf_counter() - start)
+        flag["stop"] = run.stepper.agree_stop(flag["stop"])
         run.step, run.tokens_seen, run.elapsed = (
             run.step + 1, run.tokens_seen + tokens_per_step, run.elapsed + dt
         )  # fmt: skip
@@ -594,7 +625,7 @@ def _loop(
             rate = run.tokens_seen / max(run.elapsed, 1e-9)
             log(f"step {run.step}: loss {loss:.4f}, lr {lr:.2e}, {rate:,.0f} tok/s")
         last = run.step == cfg.max_steps or time_fraction(cfg, run.elapsed) >= 1
-        if run.step % cfg.eval_interval == 0 or last:
+        if (run.step % cfg.eval_interval == 0 or last) and run.stepper.is_main:
             val = estimate(run.model, run.val_tokens, run.tokenizer.bytes_per_token, cfg)
             metrics.write({"step": run.step, "val_loss": val.loss, "val_bpb": val.bpb})
             say(f"step {run.step}: loss {loss:.4f}, val loss {val.loss:.4f}, val bpb {val.bpb:.3f}")
