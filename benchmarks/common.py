@@ -83,11 +83,20 @@ def machine_line(info: dict[str, Any] | None = None) -> str:
 
 
 # ---------------------------------------------------------------------- timing
+CLOCKS: dict[str, Callable[[], float]] = {
+    "wall": time.perf_counter,
+    # CPU seconds of this process (all its threads): on a machine shared with other jobs this is
+    # the latency the code would have alone, as long as torch runs one thread (--threads 1).
+    "cpu": time.process_time,
+}
+
+
 def interleaved(
     cases: dict[str, Callable[[], Any]],
     rounds: int,
     warmup: int = 1,
     inner: dict[str, int] | None = None,
+    clock: str = "wall",
 ) -> dict[str, list[float]]:
     """Seconds per call of every case, one sample per round; cases alternate inside a round.
 
@@ -95,16 +104,17 @@ def interleaved(
     time alone. The order rotates each round so no case always runs right after the same one.
     """
     inner = inner or {}
+    now = CLOCKS[clock]
     names = list(cases)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(warmup + rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             k = inner.get(name, 1)
-            start = time.perf_counter()
+            start = now()
             for _ in range(k):
                 cases[name]()
-            elapsed = (time.perf_counter() - start) / k
+            elapsed = (now() - start) / k
             if r >= warmup:
                 times[name].append(elapsed)
     return times
@@ -170,7 +180,7 @@ def run_isolated(argv: list[str], timeout: float = 600) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- memory bandwidth
-def memory_bandwidth(mbytes: int = 256, rounds: int = 7) -> dict[str, float]:
+def memory_bandwidth(mbytes: int = 256, rounds: int = 7, clock: str = "wall") -> dict[str, float]:
     """Sustained DRAM bandwidth in bytes/s: a read-only pass (sum) and a copy (read + write).
 
     The buffer is much larger than the last-level cache so the numbers are DRAM, not cache.
@@ -180,7 +190,10 @@ def memory_bandwidth(mbytes: int = 256, rounds: int = 7) -> dict[str, float]:
     src = torch.ones(n)
     dst = torch.empty(n)
     times = interleaved(
-        {"read": lambda: src.sum(), "copy": lambda: dst.copy_(src)}, rounds=rounds, warmup=1
+        {"read": lambda: src.sum(), "copy": lambda: dst.copy_(src)},
+        rounds=rounds,
+        warmup=1,
+        clock=clock,
     )
     nbytes = n * 4
     return {

@@ -14,7 +14,7 @@ import torch
 from bdh import BDH, BDHConfig, BDHState
 from bdh.decode import DecodeOptions, decode_weights
 from bdh.generate import generate_batch, stop_sequences
-from bdh.ops import naive
+from bdh.ops import naive, recurrent
 from bdh.ops.kv import KVCache, crossover, kv_chunk, kv_token
 from bdh.ops.rope import frequencies, rope
 from bdh.ops.sparse import state_step_dense, state_step_sparse, y_path_dense, y_path_sparse
@@ -85,8 +85,24 @@ def test_sparse_recurrence_equals_naive_form():
     torch.testing.assert_close(S.view(B, nh, N, D), S_ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("damped", [False, True])
+def test_recurrent_form_with_sparse_steps_equals_naive(damped):
+    B, nh, T, N, D = 2, 3, 9, 8, 5
+    x = sparse_x(B, nh, T, N, p=0.2)
+    v = torch.randn(B, 1, T, D, dtype=torch.float64)
+    S0 = torch.randn(B, nh, N, D, dtype=torch.float64)
+    freqs = frequencies(N, dtype=torch.float64) * 7
+    lam = torch.tensor([0.9, 1.0, 0.7], dtype=torch.float64) if damped else None
+    out_ref, S_ref = naive(x, v, freqs, S0, 4, lam)
+    with torch.no_grad():
+        out, S = recurrent(x, v, freqs, S0.clone(), 4, lam, sparse=True)
+    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(S, S_ref, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("B", [1, 3])
 def test_sparse_y_path_equals_dense(B):
+    torch.manual_seed(0)
     nh, N, D = 2, 16, 6
     x = sparse_x(B, nh, N, p=0.15)
     a = torch.randn(B, nh, D, dtype=torch.float64)
@@ -96,7 +112,7 @@ def test_sparse_y_path_equals_dense(B):
     u_dense, y_dense = y_path_dense(x, a, enc_v, dec)
     u_sparse, y_sparse = y_path_sparse(x, a, rows, dec)
     torch.testing.assert_close(u_sparse, u_dense, rtol=1e-12, atol=1e-12)
-    assert y_sparse == pytest.approx(y_dense) and y_dense <= 0.3
+    assert y_sparse == pytest.approx(y_dense) and y_dense <= 0.5  # union over the streams
 
 
 # ---------------------------------------------------------------------- ops: KV cache = state
@@ -328,3 +344,46 @@ def test_stop_errors_are_one_line_messages():
         stop_sequences("ab", vocab_size=1000)
     with pytest.raises(ValueError, match="attention must be one of"):
         DecodeOptions(attention="fast")
+
+
+# ---------------------------------------------------------------------- fused C++ kernels (opt-in)
+@pytest.mark.slow  # compiles the kernels on first use (~1 minute)
+@pytest.mark.parametrize("B", [1, 3])
+def test_cpp_kernels_equal_the_torch_sparse_step(B):
+    from bdh.ops import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("no C++ toolchain for torch extensions")
+    G, N, D, nh = B * 2, 64, 16, 2
+    k = sparse_x(G, N, p=0.2, dtype=torch.float32)
+    v = torch.randn(G, D)
+    S = torch.randn(G, N, D)
+    S_torch, S_cpp = S.clone(), S.clone()
+    out_torch = state_step_sparse(k, v, S_torch)
+    out_cpp = cpu_kernels.state_step(k, v, S_cpp)
+    torch.testing.assert_close(out_cpp, out_torch, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(S_cpp, S_torch, rtol=1e-6, atol=1e-6)
+    x = sparse_x(B, nh, N, p=0.2, dtype=torch.float32)
+    a = torch.randn(B, nh, D)
+    rows, dec = torch.randn(nh * N, D), torch.randn(nh * N, D)
+    u_torch, _ = y_path_sparse(x, a, rows, dec)
+    u_cpp, _ = cpu_kernels.y_path(x, a, rows, dec)
+    torch.testing.assert_close(u_cpp, u_torch, rtol=1e-4, atol=1e-4)
+    u_bf16, _ = cpu_kernels.y_path(x, a, rows.bfloat16(), dec.bfloat16())
+    u_ref, _ = y_path_sparse(x, a, rows.bfloat16().float(), dec.bfloat16().float())
+    torch.testing.assert_close(u_bf16, u_ref, rtol=1e-4, atol=1e-4)
+    v_in, enc = torch.randn(B, D), torch.randn(nh, D, N)
+    x_ref = torch.relu(v_in @ enc).transpose(0, 1)
+    torch.testing.assert_close(cpu_kernels.encode(v_in, enc), x_ref, rtol=1e-5, atol=1e-5)
+    x_ref = torch.relu(v_in @ enc.bfloat16().float()).transpose(0, 1)
+    torch.testing.assert_close(
+        cpu_kernels.encode(v_in, enc.bfloat16()), x_ref, rtol=1e-5, atol=1e-5
+    )
+    model = make_model(sparse=True)
+    idx = ids(2, 40)
+    full = model(idx)[0].detach()
+    dec_engine = model.decoding_engine(DecodeOptions(kernels="cpp", kv="off", attention="sparse"))
+    state = dec_engine.init_state(2)
+    dec_engine.prefill(idx[:, :10], state)
+    out = torch.cat([dec_engine.step(idx[:, t : t + 1], state) for t in range(10, 40)], dim=1)
+    close(out, full[:, 10:])

@@ -21,14 +21,16 @@ differentiable trunk. Weights may be kept in bfloat16 for decoding; the state st
 
 from __future__ import annotations
 
+import os
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bdh.ops import cpu_kernels
 from bdh.ops.common import state_dtype
 from bdh.ops.kv import KVCache, crossover, kv_chunk, kv_token
 from bdh.ops.rope import cos_sin, rotate
@@ -44,6 +46,7 @@ from bdh.state import BDHState
 CHOICES = ("auto", "dense", "sparse")
 KV_CHOICES = ("auto", "on", "off")
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "model": None}
+KERNELS = ("torch", "cpp")
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,9 @@ class DecodeOptions:
     prefill_chunk: int = 256
     # "model" keeps the model's weights; "bfloat16" halves the weight bytes read per token.
     weights: str = "model"
+    # Sparse steps in torch ops, or in fused C++ kernels ("cpp": one pass over the active rows,
+    # compiled on first use, ~1 minute; `bdh.ops.cpu_kernels`). Default: $BDH_KERNELS or torch.
+    kernels: str = field(default_factory=lambda: os.environ.get("BDH_KERNELS", "torch"))
 
     def __post_init__(self) -> None:
         for name in ("attention", "y_path"):
@@ -69,6 +75,8 @@ class DecodeOptions:
                 raise ValueError(f"{name} must be one of {CHOICES}, got {getattr(self, name)!r}")
         if self.kv not in KV_CHOICES:
             raise ValueError(f"kv must be one of {KV_CHOICES}, got {self.kv!r}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
         if self.weights not in WEIGHT_DTYPES:
             raise ValueError(f"weights must be one of {tuple(WEIGHT_DTYPES)}, got {self.weights!r}")
         if not 0.0 <= self.max_sparse_density <= 1.0:
@@ -99,7 +107,7 @@ class DecodeWeights:
         return self.encoder_v_rows
 
 
-_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, dict[Any, DecodeWeights]] = (
+_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, dict[Any, tuple[Any, DecodeWeights]]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -108,13 +116,12 @@ def decode_weights(model: nn.Module, dtype: torch.dtype | None = None) -> Decode
     """Weights for decoding, cached per model and dtype until a parameter changes in place."""
     params = (model.embed.weight, model.encoder, model.encoder_v, model.decoder, model.lm_head)
     # _version counts in-place writes (optimizer steps, load_state_dict): a stale copy is rebuilt.
-    key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
-    cache = _WEIGHTS.setdefault(model, {})
-    if key not in cache:
-        cache.clear()
+    version = tuple((p.data_ptr(), p._version) for p in params)
+    cache = _WEIGHTS.setdefault(model, {})  # dtype → (version, weights)
+    if dtype not in cache or cache[dtype][0] != version:
         tensors = [p.detach() if dtype is None else p.detach().to(dtype) for p in params]
-        cache[key] = DecodeWeights(*tensors)
-    return cache[key]
+        cache[dtype] = (version, DecodeWeights(*tensors))
+    return cache[dtype][1]
 
 
 # ---------------------------------------------------------------------- the engine
@@ -227,7 +234,10 @@ class Decoder:
 
     def _neurons(self, w: DecodeWeights, v: Tensor, x_prev: Tensor | None) -> Tensor:
         """x = relu(v D_x) (B, nh, N); with the neuron-space residual it accumulates (Eq. 8)."""
-        x = F.relu(_mm(v, w.encoder).transpose(0, 1))  # (nh, B, N) → (B, nh, N)
+        if self._cpp(v):  # one streaming pass; torch bf16 gemv is slow
+            x = cpu_kernels.encode(v, w.encoder)  # (B, nh, N)
+        else:
+            x = F.relu(_mm(v, w.encoder).transpose(0, 1))  # (nh, B, N) → (B, nh, N)
         if self.config.residual == "neuron" and x_prev is not None:
             x = x_prev + x
         return x
@@ -270,6 +280,9 @@ class Decoder:
             out = (kg.unsqueeze(1) @ S.view(G, N, D)).squeeze(1)  # read before the decay
             S.mul_(damping.to(S.dtype).view(1, nh, 1, 1))
             S.view(G, N, D).addcmul_(kg.unsqueeze(2), vg.unsqueeze(1))
+        elif sparse and self._cpp(S):
+            stats["attention"] = "sparse"
+            out = cpu_kernels.state_step(kg, vg, S.view(G, N, D))
         elif sparse:
             stats["attention"] = "sparse"
             out = state_step_sparse(kg, vg, S.view(G, N, D))
@@ -281,7 +294,8 @@ class Decoder:
     def _y_path(self, w: DecodeWeights, x: Tensor, a: Tensor, stats: dict[str, Any]) -> Tensor:
         """u = (x ⊙ relu(a D_y)) E: (B, D), on the active neurons when x is sparse enough."""
         if self._sparse(self.options.y_path, stats["x"]):
-            u, stats["y"] = y_path_sparse(x, a, w.rows_of_encoder_v(), w.decoder)
+            y_path = cpu_kernels.y_path if self._cpp(x) else y_path_sparse
+            u, stats["y"] = y_path(x, a, w.rows_of_encoder_v(), w.decoder)
             stats["y_path"] = "sparse"
         else:
             u, stats["y"] = y_path_dense(x, a, w.encoder_v, w.decoder)
@@ -308,6 +322,10 @@ class Decoder:
         return _mm(v.view(B, t, -1), w.lm_head)
 
     # ------------------------------------------------------------------ helpers
+    def _cpp(self, t: Tensor) -> bool:
+        """Use the fused kernels: asked for, float32 activations on the CPU (else torch ops)."""
+        return self.options.kernels == "cpp" and t.dtype == torch.float32 and cpu_kernels.usable(t)
+
     def _weights(self) -> DecodeWeights:
         return decode_weights(self.model, WEIGHT_DTYPES[self.options.weights])
 

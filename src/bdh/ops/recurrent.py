@@ -5,7 +5,8 @@ Notation: B batch, nh heads, N neurons per head, D = n_embd.
     a_t = rope_t(x_t)ᵀ S ;  S ← λ·S + rope_t(x_t) ⊗ v_t
 
 With inplace=True (decoding, no autograd) the state tensor is updated where it lies, which saves
-allocating and copying nh·N·D floats per token and layer.
+allocating and copying nh·N·D floats per token and layer; sparse=True then also reads and writes
+only the rows of S where the rotated key is non-zero (`bdh.ops.sparse`; damping needs every row).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor
 
 from bdh.ops.common import rotate_queries, state_dtype, zeros_state
+from bdh.ops.sparse import state_step_sparse
 
 
 def recurrent(
@@ -26,14 +28,17 @@ def recurrent(
     *,
     detach_kv: bool = False,
     inplace: bool = False,
+    sparse: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """x (B, nh, T, N), v (B, 1|nh, T, D), state (B, nh, N, D) → out (B, nh, T, D), state.
 
     Steps through the T tokens one by one; T = 1 is the decoding case.
     """
     S = zeros_state(x, v.shape[-1]) if state is None else state
-    if inplace and (torch.is_grad_enabled() or S.dtype != state_dtype(x.dtype)):
-        raise ValueError("inplace=True needs autograd off and a state in the state precision")
+    if (inplace or sparse) and (torch.is_grad_enabled() or S.dtype != state_dtype(x.dtype)):
+        raise ValueError("inplace/sparse need autograd off and a state in the state precision")
+    if sparse and (damping is not None or not S.is_contiguous()):
+        sparse = False  # λS touches every row; the dense step is then the cheaper one
     outputs = []
     for t in range(x.shape[2]):
         out, S = step(
@@ -44,7 +49,8 @@ def recurrent(
             offset + t,
             damping,
             detach_kv=detach_kv,
-            inplace=inplace,
+            inplace=inplace or sparse,
+            sparse=sparse,
         )
         outputs.append(out)
     return torch.cat(outputs, dim=2), S
@@ -60,9 +66,16 @@ def step(
     *,
     detach_kv: bool = False,
     inplace: bool = False,
+    sparse: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One token: x (B, nh, 1, N), v (B, 1|nh, 1, D), S (B, nh, N, D)."""
     q = rotate_queries(x, freqs, offset).to(S.dtype)  # (B, nh, 1, N)
+    if sparse:
+        B, nh, _, N = q.shape
+        D = S.shape[-1]
+        vg = v.to(S.dtype).expand(B, nh, 1, D).reshape(B * nh, D)
+        out = state_step_sparse(q.reshape(B * nh, N), vg, S.view(B * nh, N, D))
+        return out.view(B, nh, 1, D).to(x.dtype), S
     out = (q @ S).to(x.dtype)  # read before write: the token does not see itself
     k, vals = q.mT, v.to(S.dtype)  # (B, nh, N, 1), (B, 1|nh, 1, D)
     if detach_kv:
