@@ -31,14 +31,18 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+import bdh
 import common  # the benchmarks' shared helpers, beside this script
 from bdh import BDH, BDHConfig
 from bdh.ops.common import cheapest_form
@@ -188,6 +192,22 @@ def worker_main(preset: str, path: str, B: int, T: int, compiled: bool) -> None:
             print(json.dumps({"loss": trainer.step()}), flush=True)
 
 
+def freeze_source() -> tuple[Path, str]:
+    """Copy the committed package (git HEAD; else the imported one) for the workers, so that a
+    file edited in the tree during a long run neither breaks nor changes the cells after it."""
+    root = Path(tempfile.mkdtemp(prefix="bench_train_src_"))
+    repo = Path(__file__).resolve().parent.parent
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
+    archive = subprocess.run(["git", "-C", str(repo), "archive", "HEAD", "src/bdh"],
+                             capture_output=True, check=False)  # fmt: skip
+    if head and archive.returncode == 0:
+        subprocess.run(["tar", "-x", "-C", str(root)], input=archive.stdout, check=True)
+        return root / "src", f"git {head}"
+    shutil.copytree(Path(bdh.__file__).parent, root / "bdh")
+    return root, "working tree"
+
+
 def time_cell(
     preset: str, B: int, T: int, paths: list[str], rounds: int, compiled: bool = False
 ) -> dict[str, Any]:
@@ -315,7 +335,10 @@ def main() -> None:
     common.ensure_quiet_threads()
     info = common.machine_info()
     print(common.machine_line(info), flush=True)
-    results: dict[str, Any] = {"machine": info, "git": _git_head(), "argv": sys.argv[1:]}
+    source, code = freeze_source()  # every child process imports this copy
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(source), os.environ.get("PYTHONPATH", "")])
+    print(f"code: {code}, frozen for the worker processes in {source}", flush=True)
+    results: dict[str, Any] = {"machine": info, "code": code, "argv": sys.argv[1:]}
     results["presets"] = {p: BDHConfig.from_name(p).to_dict() for p in args.presets}
     results["cells"] = []
     budget = args.max_gb * 2**30
@@ -326,6 +349,7 @@ def main() -> None:
         cell["skipped"] = skipped
         results["cells"].append(cell)
         print(row(cell), flush=True)
+        common.write_json(args.out, results)  # a long run keeps what it measured so far
     if args.compile:
         results["compiled"] = []
         grid = [("small", 4, 512), ("reference", 1, 512)][: 1 if args.quick else 2]
@@ -334,17 +358,11 @@ def main() -> None:
             cell = time_cell(preset, B, T, paths, args.rounds, compiled=True)
             results["compiled"].append(cell)
             print("compiled " + row(cell), flush=True)
+            common.write_json(args.out, results)
     if not args.no_memory:
         results["memory"] = memory_cells(args)
     out = common.write_json(args.out, results)
     print(f"wrote {out}")
-
-
-def _git_head() -> str:
-    done = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    )
-    return done.stdout.strip() or "unknown"
 
 
 def memory_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
