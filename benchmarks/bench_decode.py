@@ -111,11 +111,12 @@ def _from_checkpoint(args: argparse.Namespace) -> tuple[BDH, torch.Tensor, str]:
     from bdh.data import load_corpus
 
     ck = load_checkpoint(args.checkpoint)
-    source = ck.meta.get("data", "shakespeare") if isinstance(ck.meta, dict) else "shakespeare"
+    source = ck.meta.get("train", {}).get("data", "shakespeare")
     text = load_corpus(str(source)).split("val")
-    tokens = torch.as_tensor(ck.tokenizer.encode(text).astype("int64"))
-    step = ck.meta.get("step", "?") if isinstance(ck.meta, dict) else "?"
-    return ck.model.eval(), tokens, f"trained checkpoint {ck.path} (step {step}, {source} val text)"
+    need = max(args.contexts) + (args.rounds + 2) * args.steps + 64
+    tokens = torch.as_tensor(ck.tokenizer.encode(text[: 8 * need]).astype("int64"))[:need]
+    what = f"trained checkpoint {ck.path} (step {ck.meta.get('step', '?')}, {source} val text)"
+    return ck.model.eval(), tokens, what
 
 
 @torch.no_grad()
@@ -338,7 +339,7 @@ def table(rows: list[dict[str, Any]], mem: bool) -> str:
     head = "| context | full | dense | sparse | kv | full/sparse |"
     sep = "|---:|---:|---:|---:|---:|---:|"
     if mem:
-        head += " peak extra: full | dense | sparse | kv |"
+        head += " peak RSS (above the loaded model): full | dense | sparse | kv |"
         sep += "---:|---:|---:|---:|"
     lines = [head, sep]
     for r in rows:
@@ -349,7 +350,11 @@ def table(rows: list[dict[str, Any]], mem: bool) -> str:
         cells.append(f"{ratio:.0f}×" if ratio else "–")
         if mem:
             for m in METHODS:
-                cells.append(fmt_bytes(r[f"{m}_peak_extra"]) if f"{m}_peak_extra" in r else "–")
+                if f"{m}_peak" not in r:
+                    cells.append("–")
+                    continue
+                extra = fmt_bytes(r[f"{m}_peak_extra"])
+                cells.append(f"{fmt_bytes(r[f'{m}_peak'])} (+{extra})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

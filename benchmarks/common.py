@@ -170,9 +170,17 @@ def run_isolated(argv: list[str], timeout: float = 600) -> dict[str, Any]:
 
     A fresh process is the only honest way to compare peak memory of two cases on CPU: the
     allocator does not return freed pages, so a case run after a bigger one would look free.
+    Blocks of 64 KiB and more are mapped and unmapped directly in the child, so its resident size
+    follows the tensors alive rather than the allocator's cache.
     """
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     done = subprocess.run(
-        [sys.executable, *argv], capture_output=True, text=True, timeout=timeout, check=False
+        [sys.executable, *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=env,
     )
     if done.returncode != 0:
         raise RuntimeError(f"isolated run {argv} failed:\n{done.stderr[-2000:]}")

@@ -287,7 +287,7 @@ def test_ragged_state_logits_equal_separate_states():
 
 def test_ragged_and_kv_states_select_stack_save_load(tmp_path):
     model = make_model()
-    dec = model.decoding_engine()  # the cache holds up to T* tokens: no more bytes than S
+    dec = model.decoding_engine(DecodeOptions(kv="on"))  # holds ≤ T* tokens: ≤ bytes of S
     a, b = dec.init_state(1), dec.init_state(1)
     dec.prefill(ids(1, 4), a)
     dec.prefill(ids(1, 7), b)
@@ -387,3 +387,10 @@ def test_cpp_kernels_equal_the_torch_sparse_step(B):
     dec_engine.prefill(idx[:, :10], state)
     out = torch.cat([dec_engine.step(idx[:, t : t + 1], state) for t in range(10, 40)], dim=1)
     close(out, full[:, 10:])
+
+
+def test_kv_auto_policy_follows_the_kernels():
+    model = make_model()
+    assert model.decoding_engine(DecodeOptions(kernels="torch")).init_state(1).kv is not None
+    assert model.decoding_engine(DecodeOptions(kernels="cpp")).init_state(1).kv is None
+    assert model.decoding_engine(DecodeOptions(kv="on", kernels="cpp")).init_state(1).kv is not None

@@ -58,7 +58,10 @@ class DecodeOptions:
     attention: str = "auto"
     y_path: str = "auto"
     max_sparse_density: float = 0.3
-    # Key-value cache below the crossover: "auto" for states made by `Decoder.init_state`.
+    # Key-value cache below the crossover T* (states made by `Decoder.init_state`): "on", "off",
+    # or "auto" = on with the torch sparse step, off with the fused kernels. Measured (issue 4):
+    # below T* the cache beats the dense and the torch-sparse state steps, but the fused sparse
+    # step beats the cache at every context; the cache stays the smaller one below T*.
     kv: str = "auto"
     kv_crossover: int | None = None  # None: T* = n·D/(n + D)
     # Longest piece of a prompt read at once (bounds prefill memory).
@@ -142,11 +145,18 @@ class Decoder:
         c = self.config
         return self.options.kv_crossover or crossover(c.n, c.n_embd)
 
+    @property
+    def uses_kv(self) -> bool:
+        """Whether new states start as a key-value cache (see DecodeOptions.kv)."""
+        if self.options.kv == "auto":
+            return self.options.kernels != "cpp"
+        return self.options.kv == "on"
+
     def init_state(self, batch_size: int = 1) -> BDHState:
         """An empty state; a key-value cache while the context is below the crossover."""
         c = self.config
         damping = self.model.attn.damping
-        if self.options.kv == "off":
+        if not self.uses_kv:
             state = self.model.init_state(batch_size)
             state.damping = damping
             return state
