@@ -201,7 +201,7 @@ def test_sparse_and_kv_paths_agree_with_dense_on_sparse_activations():
 def test_auto_choice_follows_the_measured_density():
     dense_model, sparse_model = make_model(), make_model(sparse=True)
     for model, expected in ((dense_model, "dense"), (sparse_model, "sparse")):
-        dec = model.decoding_engine(DecodeOptions(kv="off"))
+        dec = model.decoding_engine(DecodeOptions(kv="off", max_sparse_density=0.3))
         state = dec.init_state(1)
         dec.prefill(ids(1, 30), state)
         dec.step(ids(1, 1, seed=2), state)
@@ -394,3 +394,11 @@ def test_kv_auto_policy_follows_the_kernels():
     assert model.decoding_engine(DecodeOptions(kernels="torch")).init_state(1).kv is not None
     assert model.decoding_engine(DecodeOptions(kernels="cpp")).init_state(1).kv is None
     assert model.decoding_engine(DecodeOptions(kv="on", kernels="cpp")).init_state(1).kv is not None
+
+
+def test_default_limits_keep_small_models_dense_with_torch_ops():
+    """Torch gathers cost more than they save on small layers (measured): dense unless cpp."""
+    model = make_model(sparse=True)
+    for kernels, expected in (("torch", "dense"), ("cpp", "sparse")):
+        dec = model.decoding_engine(DecodeOptions(kv="off", kernels=kernels))
+        assert dec._sparse("auto", 0.1) == (expected == "sparse")

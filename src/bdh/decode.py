@@ -47,6 +47,10 @@ CHOICES = ("auto", "dense", "sparse")
 KV_CHOICES = ("auto", "on", "off")
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "model": None}
 KERNELS = ("torch", "cpp")
+# Default density limits of the automatic sparse/dense choice (measured, see DecodeOptions).
+SPARSE_LIMIT_CPP = 0.5
+SPARSE_LIMIT_TORCH = 0.3
+SPARSE_TORCH_MIN_SIZE = 2**21  # n·D of a layer
 
 
 @dataclass(frozen=True)
@@ -54,10 +58,13 @@ class DecodeOptions:
     """How the engine decodes; every choice gives the same logits up to float rounding."""
 
     # Read/write of the state (or cache) and the y-path: "auto" picks sparse when the measured
-    # density of the step is at most `max_sparse_density`.
+    # density of the step is at most `max_sparse_density`. None = the limits measured on a
+    # 2-core CPU (issue 4): with the fused kernels sparse wins up to ~50% active rows; with torch
+    # ops only on large layers (n·D ≥ 2M) and up to 30% — below that the gathers cost more than
+    # the rows they save.
     attention: str = "auto"
     y_path: str = "auto"
-    max_sparse_density: float = 0.3
+    max_sparse_density: float | None = None
     # Key-value cache below the crossover T* (states made by `Decoder.init_state`): "on", "off",
     # or "auto" = on with the torch sparse step, off with the fused kernels. Measured (issue 4):
     # below T* the cache beats the dense and the torch-sparse state steps, but the fused sparse
@@ -82,7 +89,7 @@ class DecodeOptions:
             raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
         if self.weights not in WEIGHT_DTYPES:
             raise ValueError(f"weights must be one of {tuple(WEIGHT_DTYPES)}, got {self.weights!r}")
-        if not 0.0 <= self.max_sparse_density <= 1.0:
+        if self.max_sparse_density is not None and not 0.0 <= self.max_sparse_density <= 1.0:
             raise ValueError(f"max_sparse_density must be in [0, 1], got {self.max_sparse_density}")
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be ≥ 1, got {self.prefill_chunk}")
@@ -265,9 +272,18 @@ class Decoder:
         return cos, torch.cat([p[1] for p in pairs]).unsqueeze(1)
 
     def _sparse(self, choice: str, measured: float) -> bool:
-        if choice == "auto":
-            return measured <= self.options.max_sparse_density
-        return choice == "sparse"
+        """Sparse or dense for this step, from the density just measured (see DecodeOptions)."""
+        if choice != "auto":
+            return choice == "sparse"
+        limit = self.options.max_sparse_density
+        if limit is None:
+            if self.options.kernels == "cpp":
+                limit = SPARSE_LIMIT_CPP
+            elif self.config.n * self.config.n_embd >= SPARSE_TORCH_MIN_SIZE:
+                limit = SPARSE_LIMIT_TORCH
+            else:
+                return False
+        return measured <= limit
 
     def _attend(
         self, layer: int, k: Tensor, v: Tensor, state: BDHState, stats: dict[str, Any]
