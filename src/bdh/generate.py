@@ -90,6 +90,11 @@ def stop_sequences(
     return out
 
 
+def _as_ids(prompt: Tensor | bytes | Sequence[int]) -> Tensor:
+    """Token ids of one prompt; bytes are their own ids for byte-level models."""
+    return torch.as_tensor(list(prompt) if isinstance(prompt, bytes) else prompt, dtype=torch.long)
+
+
 def hits_stop(tokens: Sequence[int], stops: list[tuple[int, ...]]) -> bool:
     """True when the generated tokens end with one of the stop sequences."""
     return any(len(tokens) >= len(s) and tuple(tokens[-len(s) :]) == s for s in stops)
@@ -175,7 +180,7 @@ def generate(
 @torch.no_grad()
 def generate_batch(
     model: Any,
-    prompts: Sequence[Tensor | Sequence[int]],
+    prompts: Sequence[Tensor | bytes | Sequence[int]],
     max_new_tokens: int,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -204,7 +209,7 @@ def generate_batch(
     outputs: list[list[int]] = [[] for _ in prompts]
     if not prompts or max_new_tokens == 0:
         return [torch.tensor(o, dtype=torch.long) for o in outputs]
-    rows = [torch.as_tensor(p, dtype=torch.long).view(1, -1) for p in prompts]
+    rows = [_as_ids(p).view(1, -1) for p in prompts]
     states = [engine.init_state(1) for _ in rows]
     logits = torch.cat([engine.prefill(r, s) for r, s in zip(rows, states, strict=True)])
     state = BDHState.stack(states)
