@@ -211,6 +211,29 @@ def test_auto_choice_follows_the_measured_density():
             assert max(xs) <= 0.3 and all(s["y"] <= s["x"] for s in dec.last_stats)
 
 
+@pytest.mark.parametrize("threads", [None, 0, 1])
+def test_small_steps_run_on_one_thread_and_restore_the_setting(monkeypatch, threads):
+    model = make_model(sparse=True)
+    idx = ids(1, 40)
+    full = model(idx)[0].detach()
+    dec = model.decoding_engine(DecodeOptions(kv="off", threads=threads))
+    fed: list[int] = []  # tokens per call of the engine's inner step
+    inner = dec._step
+    monkeypatch.setattr(dec, "_step", lambda i, s: fed.append(i.shape[1]) or inner(i, s))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # as on a 2-core machine
+    set_to: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    state = dec.init_state(1)
+    dec.prefill(idx[:, :30], state)
+    steps = [dec.step(idx[:, t : t + 1], state) for t in range(30, 40)]
+    close(torch.cat(steps, dim=1), full[:, 30:])
+    assert fed == [30] + [1] * 10
+    if threads == 0:  # torch's setting, untouched
+        assert set_to == []
+    else:  # tiny is small: each one-token step runs on one thread, then back to 2;
+        assert set_to == [1, 2] * 10  # the 30-token prefill kept its threads
+
+
 def test_chunked_prefill_reads_long_prompts_in_bounded_pieces(monkeypatch):
     model = make_model()
     idx = ids(1, 100)

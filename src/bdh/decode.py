@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +53,8 @@ KERNELS = ("torch", "cpp")
 SPARSE_LIMIT_CPP = 0.5
 SPARSE_LIMIT_TORCH = 0.3
 SPARSE_TORCH_MIN_SIZE = 2**21  # n·D of a layer
+# A one-token step whose state holds fewer values per layer (B·n·D) than this runs on one thread.
+ONE_THREAD_BELOW = 2**21
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,12 @@ class DecodeOptions:
     # Sparse steps in torch ops, or in fused C++ kernels ("cpp": one pass over the active rows,
     # compiled on first use, ~1 minute; `bdh.ops.cpu_kernels`). Default: $BDH_KERNELS or torch.
     kernels: str = field(default_factory=lambda: os.environ.get("BDH_KERNELS", "torch"))
+    # Threads of a one-token step. None = auto: one thread when a layer's state is small
+    # (B·n·D < ONE_THREAD_BELOW), torch's setting otherwise; 0 = always torch's setting. Waking a
+    # second thread costs tens of µs per parallel op (more with OMP_WAIT_POLICY=PASSIVE, the
+    # setting for a shared machine), as much as a small model's whole op: measured on 2 cores,
+    # the trained `small` preset's sparse step took 0.47 ms on one thread and 0.88 ms on two.
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("attention", "y_path"):
@@ -95,6 +105,8 @@ class DecodeOptions:
             raise ValueError(f"prefill_chunk must be ≥ 1, got {self.prefill_chunk}")
         if self.kv_crossover is not None and self.kv_crossover < 1:
             raise ValueError(f"kv_crossover must be ≥ 1, got {self.kv_crossover}")
+        if self.threads is not None and self.threads < 0:
+            raise ValueError(f"threads must be ≥ 0 or None, got {self.threads}")
 
 
 # ---------------------------------------------------------------------- weights for decoding
@@ -186,8 +198,17 @@ class Decoder:
         Inference only: no autograd (use `model.step` to train through the state).
         """
         _check_ids(idx, state, self.config.vocab_size)
-        with torch.no_grad():
+        with torch.no_grad(), _threads(self._step_threads(idx)):
             return self._step(idx, state)
+
+    def _step_threads(self, idx: Tensor) -> int:
+        """Threads for feeding idx (0: torch's setting); see DecodeOptions.threads."""
+        if idx.shape[1] > 1:  # prefill: large products that threads do speed up
+            return 0
+        if self.options.threads is not None:
+            return self.options.threads
+        c = self.config
+        return 1 if idx.shape[0] * c.n * c.n_embd < ONE_THREAD_BELOW else 0
 
     def prefill(self, idx: Tensor, state: BDHState) -> Tensor:
         """Read a prompt of any length in bounded memory; returns the last logits (B, V)."""
@@ -358,6 +379,20 @@ class Decoder:
     def _ln(self, x: Tensor) -> Tensor:
         """LayerNorm over D without scale or bias; the identity in BDH-Normfree."""
         return F.layer_norm(x, (x.shape[-1],), eps=1e-5) if self.config.layernorm else x
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Run the block on n torch threads (0: unchanged), restoring the setting after."""
+    before = torch.get_num_threads()
+    if n < 1 or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def x_prev_plus(x_prev: Tensor | None, x: Tensor) -> Tensor:
