@@ -109,6 +109,9 @@ def test_eval_of_a_given_file_uses_all_of_it(run_dir, tmp_path, capsys):
     assert main(["eval", "--ckpt", str(run_dir), "--data", str(other), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["split"] == "all" and result["tokens"] == 499
+    assert main(["eval", "--ckpt", str(run_dir), "--data", str(other), "--max-tokens", "100"]) == 0
+    assert "over 100 tokens" in capsys.readouterr().out
+    _fails(capsys, ["eval", "--ckpt", str(run_dir), "--max-tokens", "0"], "max_tokens must be")
 
 
 # ---------------------------------------------------------------- user mistakes

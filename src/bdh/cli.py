@@ -235,6 +235,12 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
         metavar="B",
         help="windows per forward pass (default: 32)",
     )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        metavar="N",
+        help="score only the first N tokens of the split (default: all of it)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")  # fmt: skip
 
@@ -244,7 +250,9 @@ def _eval(args: argparse.Namespace) -> int:
     from bdh.train import evaluate_checkpoint
 
     progress = _bar(args.no_progress or args.json)
-    result, what = evaluate_checkpoint(args.ckpt, args.data, args.split, args.batch_size, progress)
+    result, what = evaluate_checkpoint(
+        args.ckpt, args.data, args.split, args.batch_size, progress, args.max_tokens
+    )
     if args.json:
         print(json.dumps({**result.to_dict(), **what}))
     else:

@@ -277,12 +277,17 @@ def evaluate_checkpoint(
     split: str | None = None,
     batch_size: int = 32,
     progress: bool = False,
+    max_tokens: int | None = None,
 ) -> tuple[EvalResult, dict[str, Any]]:
     """Evaluate a checkpoint on the validation split of its training data, or on `data`.
 
     A file given as `data` is evaluated whole (split "all"); a folder or named corpus on its
-    validation split. Returns the result and a description of what was evaluated.
+    validation split. `max_tokens` scores only the split's first max_tokens predictions (a
+    quick estimate for models that are slow on the CPU). Returns the result and a description
+    of what was evaluated.
     """
+    if max_tokens is not None and max_tokens < 1:
+        raise bdh_data.DataError(f"max_tokens must be ≥ 1, got {max_tokens}")
     torch.set_num_threads(choose_threads())
     ckpt = load_checkpoint(path)
     trained = ckpt.meta.get("train", {})
@@ -297,6 +302,8 @@ def evaluate_checkpoint(
         raise bdh_data.DataError(f"the {split} split of {source} is empty")
     tokens = bdh_data.tokenize_cached(text, ckpt.tokenizer)
     bdh_data.check_tokens(tokens, 1, ckpt.config.vocab_size, f"the {split} split of {source}")
+    if max_tokens is not None:
+        tokens = tokens[: max_tokens + 1]  # max_tokens targets, each with its context
     block = int(trained.get("block_size", 256))
     result = evaluate(
         ckpt.model, tokens, ckpt.tokenizer.bytes_per_token, block, batch_size, progress
