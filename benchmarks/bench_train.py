@@ -383,7 +383,7 @@ def memory_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
             cells.append(measure_memory(preset, path, B, T))
             print(mem_row(cells[-1]), flush=True)
     if not args.quick and "reference" in args.presets:
-        # Must show 3: the 25M model at T = 512 with an effective batch of 32 sequences.
+        # The 25M model at T = 512 with an effective batch of 32 sequences (8 x 4 accumulated).
         cells.append(measure_memory("reference", "ours+recompute", 8, 512, accum=4))
         print(mem_row(cells[-1]), flush=True)
     return cells

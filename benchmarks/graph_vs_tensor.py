@@ -1,4 +1,4 @@
-"""Issue 7, must show 4: a BDH-GPU model converted to the graph model gives the same next tokens.
+"""A trained BDH-GPU model converted to the graph model: does it predict the same next tokens?
 
     # a checkpoint from `bdh train` (the run directory or its checkpoint/ folder)
     python benchmarks/graph_vs_tensor.py --checkpoint runs/bdh --text data.txt --tokens 128

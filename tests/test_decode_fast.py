@@ -1,7 +1,7 @@
 """Every fast decoding path equals the dense step and the full forward pass.
 
 Sparse-active vs dense state step, key-value cache vs state, chunked prefill, ragged batches vs one
-stream at a time, bf16 weights, stops and streaming (issue 4).
+stream at a time, bf16 weights, stops and streaming.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def test_state_size_is_constant_in_the_context():
 
 
 def test_greedy_200_tokens_equal_full_recomputation():
-    """Must show 2: greedy decoding through the state = greedy by full re-computation."""
+    """Greedy decoding through the state = greedy by full re-computation."""
     model = make_model()
     prompt = ids(2, 9)
     ours = model.generate(prompt, 200, top_k=1)

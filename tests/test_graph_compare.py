@@ -1,4 +1,4 @@
-"""Must show 4 machinery: the converted graph predicts what its tensor twin predicts, and the
+"""The trained-model comparison: the converted graph predicts what its tensor twin predicts, and the
 benchmark script runs end to end (a trained checkpoint plugs in with --checkpoint)."""
 
 from __future__ import annotations

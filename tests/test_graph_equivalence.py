@@ -1,4 +1,4 @@
-"""Must show 1: the graph model is BDH-Normfree (Eq. 7, neuron residual, no RoPE), layer by layer.
+"""The graph model is BDH-Normfree (Eq. 7, neuron residual, no RoPE), layer by layer.
 
 Random tiny weights in float64, 40 tokens: x, y and σ of every layer after every token, and the
 logits, of the graph model (bdh.graph) equal those of the tensor equations (bdh.graph.twin), which
@@ -75,7 +75,7 @@ def test_sigma_is_the_neuron_space_form_of_rho(layernorm):
 @pytest.mark.parametrize("damping", DAMPINGS, ids=["no-damping", "damping"])
 @pytest.mark.parametrize("layernorm", [False, True], ids=["normfree", "layernorm-gains"])
 def test_graph_model_equals_tensor_model_every_layer_and_token(layernorm, damping):
-    """Must show 1: x, y, σ after every layer and token, and the logits, to float64 tolerance."""
+    """x, y, σ after every layer and token, and the logits, to float64 tolerance."""
     model = make_model(layernorm, damping)
     ids = token_ids()
     twin = tensor_trace(model, ids, sigma="every")

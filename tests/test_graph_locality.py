@@ -1,4 +1,4 @@
-"""Must show 3: every rule reads and writes only local variables (checked, not assumed).
+"""Every rule reads and writes only local variables (checked, not assumed).
 
 `LocalOps(check=True)` runs every rule body one neuron / one edge at a time on the *whole* state,
 logging each variable access; an access outside the neuron, or outside the edge and its two ends,

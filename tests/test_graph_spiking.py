@@ -1,4 +1,4 @@
-"""Must show 2: spiking BDH (stochastic AND of Bernoulli spikes) converges to the deterministic BDH.
+"""Spiking BDH (stochastic AND of Bernoulli spikes) converges to the deterministic BDH.
 
 Each spiking rule is unbiased (its expectation is the deterministic rule) and its error falls like
 1/√runs; so does the error of the whole model's logits, since every round averages `runs` trials.

@@ -35,7 +35,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 )
 @pytest.mark.parametrize("attention", ["auto", "parallel", "chunked"])
 def test_logits_equal_the_literal_reference(overrides, attention):
-    """Must show 1: same weights, B=2, T=300: logits equal SPEC §2 to ≤ 1e-5 relative (fp32)."""
+    """Same weights, B=2, T=300: logits equal SPEC §2 to ≤ 1e-5 relative (fp32)."""
     model = make_model(**overrides, attention=attention)
     idx = ids(2, 300)
     logits, _ = model(idx)

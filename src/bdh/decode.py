@@ -63,14 +63,14 @@ class DecodeOptions:
 
     # Read/write of the state (or cache) and the y-path: "auto" picks sparse when the measured
     # density of the step is at most `max_sparse_density`. None = the limits measured on a
-    # 2-core CPU (issue 4): with the fused kernels sparse wins up to ~50% active rows; with torch
+    # 2-core CPU: with the fused kernels sparse wins up to ~50% active rows; with torch
     # ops only on large layers (n·D ≥ 2M) and up to 30% — below that the gathers cost more than
     # the rows they save.
     attention: str = "auto"
     y_path: str = "auto"
     max_sparse_density: float | None = None
     # Key-value cache below the crossover T* (states made by `Decoder.init_state`): "on", "off",
-    # or "auto" = on with the torch sparse step, off with the fused kernels. Measured (issue 4):
+    # or "auto" = on with the torch sparse step, off with the fused kernels. Measured on 2 cores:
     # below T* the cache beats the dense and the torch-sparse state steps, but the fused sparse
     # step beats the cache at every context; the cache stays the smaller one below T*.
     kv: str = "auto"

@@ -1,4 +1,4 @@
-"""Does a converted graph model predict what the trained tensor model does? (issue 7, must show 4)
+"""Does a converted graph model predict what the trained tensor model does?
 
 The paper's BDH is BDH-GPU with the neuron-space residual (Eq. 8), no RoPE and no LayerNorm
 (BDH-Normfree, Eq. 7). A model trained with the reference's options (d-space residual, RoPE,
