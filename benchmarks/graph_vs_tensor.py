@@ -1,15 +1,18 @@
 """A trained BDH-GPU model converted to the graph model: does it predict the same next tokens?
 
-    # a checkpoint from `bdh train` (the run directory or its checkpoint/ folder)
+    # a checkpoint from `bdh train`: the passage comes from its own validation split
+    python benchmarks/graph_vs_tensor.py --checkpoint runs/bdh --tokens 128
+    # another source: a text file (its last 10%, as `bdh train` splits it) or a named corpus
     python benchmarks/graph_vs_tensor.py --checkpoint runs/bdh --text data.txt --tokens 128
     # no checkpoint: a randomly initialised preset (tiny runs in seconds, small in minutes)
     python benchmarks/graph_vs_tensor.py --random small --tokens 64
 
-The held-out passage is taken from the last 10% of --text (how `bdh train` splits a text file), or
-is random token ids when no text is given. Prints one row per model (bdh.graph.compare): the trained
-model, the same weights with one option changed at a time towards the paper's BDH, and the graphs
-(by default: converted with the model's own options, which must agree 100%, and the paper's BDH);
-writes the rows as JSON to --json (default benchmarks/results/graph_vs_tensor.json).
+The held-out passage is taken from the validation split of --text (default: the checkpoint's
+training data), or is random token ids for a random model without --text. Prints one row per
+model (bdh.graph.compare): the trained model, the same weights with one option changed at a time
+towards the paper's BDH, and the graphs (by default: converted with the model's own options, which
+must agree 100%, and the paper's BDH); writes the rows as JSON to --json (default
+benchmarks/results/graph_vs_tensor.json).
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from bdh import BDH, BDHConfig
 from bdh.graph.compare import as_dicts, compare, table
 
 RESULTS = Path(__file__).resolve().parent / "results"
-HELD_OUT = 0.1  # the validation fraction of a text file in `bdh train`
 
 
 def load(args: argparse.Namespace) -> tuple[Any, Any, str]:
@@ -36,6 +38,7 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, str]:
         from bdh.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(args.checkpoint)
+        args.text = args.text or ckpt.meta.get("train", {}).get("data")
         return ckpt.model.eval(), ckpt.tokenizer, f"checkpoint {ckpt.path}"
     torch.manual_seed(args.seed)
     config = BDHConfig.from_name(args.random, dropout=0.0)
@@ -43,12 +46,13 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, str]:
 
 
 def passage(args: argparse.Namespace, tokenizer: Any, vocab: int) -> np.ndarray:
-    """--tokens ids from the held-out tail of --text (bytes if no tokenizer), else random ids."""
+    """--tokens ids from the validation split of --text (bytes if no tokenizer), else random."""
     if not args.text:
         return np.random.default_rng(args.seed).integers(0, vocab, args.tokens)
-    data = Path(args.text).read_bytes()
-    tail = data[int(len(data) * (1 - HELD_OUT)) :]
-    ids = tokenizer.encode(tail) if tokenizer is not None else np.frombuffer(tail, np.uint8)
+    from bdh.data import load_corpus
+
+    held_out = load_corpus(args.text).split("val")  # how `bdh train` splits the source
+    ids = tokenizer.encode(held_out) if tokenizer is not None else np.frombuffer(held_out, np.uint8)
     ids = np.asarray(ids, dtype=np.int64)[args.offset : args.offset + args.tokens]
     if len(ids) < args.tokens:
         raise SystemExit(f"--text has only {len(ids)} held-out tokens after --offset {args.offset}")
@@ -60,7 +64,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a `bdh train` run directory or checkpoint directory")
     src.add_argument("--random", choices=["tiny", "small"], help="a randomly initialised preset")
-    p.add_argument("--text", help="text file whose last 10%% holds the held-out passage")
+    p.add_argument(
+        "--text",
+        metavar="SOURCE",
+        help="where the held-out passage comes from: a text file (its last 10%%) or a named"
+        " corpus (its validation split); default: the checkpoint's training data",
+    )
     p.add_argument("--tokens", type=int, default=128, help="passage length (default 128)")
     p.add_argument("--offset", type=int, default=0, help="first held-out token used")
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
@@ -87,6 +96,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     out = Path(args.json) if args.json else RESULTS / "graph_vs_tensor.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"source": what, "config": model.config.to_dict(), "tokens": len(ids)}
+    if tokenizer is not None:
+        from bdh.tokenizer import decode
+
+        payload["passage"] = decode(tokenizer, ids.tolist())
     out.write_text(json.dumps({**payload, "rows": as_dicts(rows)}, indent=2) + "\n")
     print(f"\nwrote {out}")
     return as_dicts(rows)

@@ -79,3 +79,24 @@ def test_benchmark_script_runs(tmp_path):
     graphs = [r for r in rows if r["name"].startswith("graph")]
     assert [r["top1_vs_twin"] for r in graphs] == [1.0, 1.0]
     assert graphs[0]["top1_vs_trained"] == 1.0
+
+
+def test_benchmark_script_reads_a_checkpoint_and_its_own_held_out_text(tmp_path, text_file):
+    from bdh.train import TrainConfig, train
+
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(text_file), out=str(run), preset="tiny", max_steps=2, batch_size=2,
+                      block_size=16, eval_interval=2, eval_batches=1, ckpt_interval=2)  # fmt: skip
+    train(cfg, progress=False, log=lambda line: None)
+    spec = importlib.util.spec_from_file_location("graph_vs_tensor", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "rows.json"
+    script.main(["--checkpoint", str(run), "--tokens", "12", "--json", str(out)])
+    payload = json.loads(out.read_text())
+    held_out = text_file.read_bytes()[int(0.9 * text_file.stat().st_size) :]
+    assert payload["tokens"] == 12 and payload["source"].startswith("checkpoint")
+    assert payload["passage"] == held_out[:12].decode()  # from the validation split
+    graphs = [r for r in payload["rows"] if r["name"].startswith("graph")]
+    assert [r["top1_vs_twin"] for r in graphs] == [1.0, 1.0]
+    assert graphs[0]["top1_vs_trained"] == 1.0
