@@ -204,6 +204,17 @@ def test_resume_without_a_checkpoint(tmp_path, capsys):
     _fails(capsys, ["train", "--resume", "--out", str(tmp_path / "r")], "checkpoint not found")
 
 
+def test_resume_of_a_checkpoint_without_training_settings(tmp_path, capsys):
+    from bdh import BDH, BDHConfig
+    from bdh.checkpoint import RUN_SUBDIR, save_checkpoint
+    from bdh.tokenizer import ByteTokenizer
+
+    run = tmp_path / "r"
+    model = BDH(BDHConfig.from_name("tiny"))
+    save_checkpoint(run / RUN_SUBDIR, model, "bdh", ByteTokenizer(), training={"step": 0})
+    _fails(capsys, ["train", "--resume", "--out", str(run)], "no training settings")
+
+
 # ---------------------------------------------------------------- the real process
 
 

@@ -69,3 +69,18 @@ def test_sigma_needs_a_state(graph):
         neuron_graph(graph, "sigma")
     with pytest.raises(ValueError, match="which"):
         neuron_graph(graph, "gz")
+
+
+def test_the_graph_package_imports_without_networkx():
+    """networkx is the optional `graph` extra: only building an exported graph needs it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['networkx'] = None\n"
+        "import bdh.graph\n"
+        "from bdh.graph.export import _networkx\n"
+        "try:\n    _networkx()\nexcept ImportError as e:\n    print(e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'bdh[graph]'" in done.stdout

@@ -68,7 +68,11 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
         help=f"a text file, a folder of .txt files, or {', '.join(NAMED_CORPORA)}; a file splits"
         " 90/10 by bytes, a folder or named corpus by whole documents " + _default("data"),
     )  # fmt: skip
-    g.add_argument("--tokenizer", choices=("bytes", "bpe"), help=f"{_default('tokenizer')}")
+    g.add_argument(
+        "--tokenizer", choices=("bytes", "bpe"),
+        help="bytes: vocabulary 256, as in the paper; bpe: a byte-level BPE learned on the train"
+        f" split and saved with the checkpoint {_default('tokenizer')}",
+    )  # fmt: skip
     g.add_argument(
         "--bpe-vocab-size", type=int, metavar="V",
         help=f"vocabulary of the BPE learned on the train split {_default('bpe_vocab_size')}",
@@ -328,8 +332,12 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _translate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, metavar="DIR", help="a checkpoint or a run directory")
-    p.add_argument("--from", dest="src", default="en", metavar="LANG", help="(default: en)")
-    p.add_argument("--to", dest="tgt", default="fr", metavar="LANG", help="(default: fr)")
+    p.add_argument("--from", dest="src", default="en", metavar="LANG",
+                   help="language code of the source, as in the <F:..> markers the model was"
+                   " trained on (default: en)")  # fmt: skip
+    p.add_argument("--to", dest="tgt", default="fr", metavar="LANG",
+                   help="language code of the translation, as in the <T:..> markers"
+                   " (default: fr)")  # fmt: skip
     p.add_argument(
         "--max-new-bytes", type=int, metavar="N",
         help="longest translation in bytes (default: twice the prompt, plus 16)",

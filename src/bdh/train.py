@@ -40,6 +40,7 @@ from bdh.baseline.presets import preset_config
 from bdh.checkpoint import (
     RUN_SUBDIR,
     Checkpoint,
+    CheckpointError,
     load_checkpoint,
     model_kind,
     save_checkpoint,
@@ -417,6 +418,10 @@ def _new_run(cfg: TrainConfig, log: Callable[[str], None]) -> _Run:
 def _resumed_run(cfg: TrainConfig, overrides: dict[str, Any], log: Callable[[str], None]) -> _Run:
     """Restore a run from cfg.out; settings given in `overrides` replace the saved ones."""
     ckpt = load_checkpoint(Path(cfg.out) / RUN_SUBDIR, training=True)
+    if not isinstance(ckpt.meta.get("train"), dict):
+        raise CheckpointError(
+            f"{ckpt.path} holds no training settings (not written by `bdh train`): cannot resume"
+        )
     cfg = TrainConfig.from_dict({**ckpt.meta["train"], **overrides})
     tokenizer, train_tokens, val_tokens = _prepare_data(cfg, ckpt.tokenizer, log)
     sampler = bdh_data.make_batches(

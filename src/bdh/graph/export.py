@@ -12,11 +12,26 @@ excitatory and the inhibitory circuit), for σ_l the synapse from value-side i t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import numpy as np
 
 from bdh.graph.simulator import GraphBDH
+
+if TYPE_CHECKING:
+    import networkx as nx
+
+
+def _networkx() -> Any:
+    """networkx is an optional extra: import it where a graph is built, with a clear error."""
+    try:
+        import networkx
+    except ImportError:
+        raise ImportError(
+            "exporting neuron graphs needs networkx: pip install 'bdh[graph]'"
+        ) from None
+    return networkx
+
 
 KINDS = ("gx", "gy", "sigma")
 
@@ -58,7 +73,7 @@ def neuron_graph(
     if not include_sensory:
         w = w[: lay.n]
     rows, cols, vals = kept_edges(w, threshold, max_edges)
-    G = nx.DiGraph(name=which, threshold=float(threshold))
+    G = _networkx().DiGraph(name=which, threshold=float(threshold))
     head = lay.head()
     for i in range(w.shape[0]):
         if i < lay.n:
@@ -100,6 +115,6 @@ def export_graphs(
     for stem, which, s in jobs:
         G = neuron_graph(graph, which, threshold, s, include_sensory, max_edges)
         G.graph["name"] = stem
-        nx.write_graphml(G, out / f"{stem}.graphml")
+        _networkx().write_graphml(G, out / f"{stem}.graphml")
         written += [out / f"{stem}.graphml", write_edgelist(G, out / f"{stem}.edges")]
     return written

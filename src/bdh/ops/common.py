@@ -58,8 +58,9 @@ def cheapest_form(T: int, N: int, D: int, chunk_size: int) -> str:
     Masked (block-causal, half the T×T product): ~T·(N + D) multiply-adds. Chunked with
     C = chunk_size: ~C·(N + D) inside chunks, 4·N·D to write and read the state, and the
     traffic of one (N, D) state per chunk, which costs like ~2·N·D·D/C more (fitted on a 2-core
-    AVX-512 CPU: the chunked form wins from T ≈ 900 at the `small` preset's N = 2048, D = 128
-    and from T ≈ 1700 at the reference's N = 8192, D = 256, with C = 256).
+    AVX-512 CPU at N = 2048, D = 128, where the chunked form won from T ≈ 900, and at the
+    reference's N = 8192, D = 256, from T ≈ 1700, with C = 256; the formula puts the `small`
+    preset's N = 480, D = 192 at T ≈ 1000).
     """
     if T <= chunk_size:
         return "parallel"
