@@ -101,6 +101,30 @@ def test_training_options_that_do_not_fit_are_one_line_errors(changes, message):
         TrainConfig(**changes)
 
 
+def test_devices(monkeypatch):
+    from bdh.distributed import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="device must be cpu, cuda, cuda:K or auto"):
+        resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        TrainConfig(device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # where there are GPUs:
+    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's second process on this node
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("auto") == torch.device("cuda", 1)
+    assert resolve_device("cuda:3") == torch.device("cuda", 3)
+
+
+def test_auto_without_a_gpu_trains_like_the_default_cpu(tmp_path, text_file, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    default = train(_cfg(tmp_path, text_file, "default"), **QUIET)
+    auto = train(_cfg(tmp_path, text_file, "auto", device="auto"), **QUIET)
+    assert auto.last_loss == default.last_loss
+
+
 def test_recompute_and_bf16_train(tmp_path, text_file):
     result = train(_cfg(tmp_path, text_file, "r", recompute=True, precision="bf16"), **QUIET)
     assert result.status == "done" and all(
@@ -171,3 +195,10 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, text_
         weights = load_checkpoint(one).model.state_dict()
         for k, v in load_checkpoint(two).model.state_dict().items():
             torch.testing.assert_close(v, weights[k], rtol=1e-4, atol=1e-6, msg=k)
+        # What 2 processes saved (the carried state of all rows too) resumes in 1.
+        for run_dir in (one, two):
+            train(TrainConfig(out=str(run_dir)), resume=True, overrides={"max_steps": 9}, **QUIET)
+        assert len(_losses(two)) == len(_losses(one)) == 9
+        torch.testing.assert_close(
+            torch.tensor(_losses(two)[6:]), torch.tensor(_losses(one)[6:]), rtol=1e-4, atol=1e-5
+        )

@@ -156,6 +156,12 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
         help="torch.compile the model (needs a C++ compiler on CPU; eager with a warning"
         f" otherwise; the first steps compile) {_default('compile')}",
     )
+    g.add_argument(
+        "--device",
+        metavar="DEVICE",
+        help="cpu, cuda, cuda:K or auto (a GPU when there is one); under torchrun each process"
+        f" takes the GPU of its LOCAL_RANK {_default('device')}",
+    )
     g = p.add_argument_group("run")
     g.add_argument(
         "--out",

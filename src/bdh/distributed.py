@@ -88,11 +88,28 @@ def validate_options(cfg: Any) -> None:
         raise ConfigError("carry_state needs temporally coherent batches: use --batches stream")
     if (cfg.carry_state or cfg.recompute) and cfg.model != "bdh":
         raise ConfigError("carry_state and recompute are options of --model bdh")
+    resolve_device(cfg.device)  # an unknown or unavailable device fails before any work
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.batch_size % size:
         raise ConfigError(
             f"batch_size {cfg.batch_size} must be divisible by the {size} training processes"
         )
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of a `device` setting: "cpu", "cuda", "cuda:K" or "auto" (a GPU when
+    there is one). Under torchrun every process takes the GPU of its LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "cuda" and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise ConfigError(f"device must be cpu, cuda, cuda:K or auto, got {name!r}")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {name} asked for, but torch sees no CUDA GPU here; use cpu")
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(name)
 
 
 class Stepper:
@@ -101,6 +118,10 @@ class Stepper:
 
     def __init__(self, model: nn.Module, cfg: Any) -> None:
         self.world = world()
+        self.device = resolve_device(cfg.device)
+        # In place (the parameters stay the same objects), so an optimizer built on the model
+        # before keeps working; checkpoints are written from, and loaded to, the CPU.
+        model.to(self.device)
         self.model, self.cfg = model, cfg
         # Every step frees and re-allocates the same activations; keeping the freed memory in the
         # process spares the page faults of fresh allocations (bdh.speed), results unchanged.
@@ -111,7 +132,8 @@ class Stepper:
             compile_model(model, _device(model))
         self.net = model  # what the micro-batch calls: the model, or its DDP wrapper
         if self.world.size > 1:
-            self.net = nn.parallel.DistributedDataParallel(model)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
             torch.manual_seed(cfg.seed + self.world.rank)  # dropout masks differ across ranks
         self.state: BDHState | None = None  # carried across batches (this rank's rows)
 
@@ -127,7 +149,11 @@ class Stepper:
         x, y = sampler.next()
         rows = x.shape[0] // self.world.size
         start = self.world.rank * rows
-        return x[start : start + rows], y[start : start + rows]
+        return self._here(x[start : start + rows]), self._here(y[start : start + rows])
+
+    def _here(self, t: Tensor) -> Tensor:
+        """t on this rank's device (a no-op on the CPU)."""
+        return t.to(self.device, non_blocking=True)
 
     @contextlib.contextmanager
     def sync(self, last: bool) -> Iterator[None]:
@@ -159,15 +185,19 @@ class Stepper:
         return bool(self._reduce(finite, dist.ReduceOp.MIN))
 
     def mean(self, value: float) -> float:
-        return float(self._reduce(torch.tensor(value, dtype=torch.float64))) / self.world.size
+        return float(self._reduce(self._scalar(value))) / self.world.size
 
     def agree_seconds(self, seconds: float) -> float:
         """The slowest rank's step time, so every rank reads the same time budget."""
-        return float(self._reduce(torch.tensor(seconds, dtype=torch.float64), dist.ReduceOp.MAX))
+        return float(self._reduce(self._scalar(seconds), dist.ReduceOp.MAX))
 
     def agree_stop(self, stop: bool) -> bool:
         """Stop (Ctrl-C) as soon as any rank was asked to."""
-        return bool(self._reduce(torch.tensor(float(stop)), dist.ReduceOp.MAX))
+        return bool(self._reduce(self._scalar(float(stop)), dist.ReduceOp.MAX))
+
+    def _scalar(self, value: float) -> Tensor:
+        # On the rank's device: NCCL reduces GPU tensors only.
+        return torch.tensor(value, dtype=torch.float64, device=self.device)
 
     def barrier(self) -> None:
         if self.world.size > 1:
@@ -183,9 +213,9 @@ class Stepper:
         """Collective: the carried state of all rows and the other ranks' torch RNG states."""
         out: dict[str, Any] = {}
         if self.world.size > 1:
-            states = [torch.empty_like(torch.get_rng_state()) for _ in range(self.world.size)]
-            dist.all_gather(states, torch.get_rng_state())
-            out["rng_by_rank"] = states
+            out["rng_by_rank"] = self._gather_list(torch.get_rng_state())
+        if self.device.type == "cuda":  # dropout masks drawn on the GPU resume exactly too
+            out["cuda_rng_by_rank"] = self._gather_list(torch.cuda.get_rng_state(self.device))
         if self.state is not None:
             layers = [self._gather_rows(S.detach().contiguous()) for S in self.state.layers]
             out["carried"] = {"layers": layers, "pos": self.state.pos}
@@ -196,19 +226,27 @@ class Stepper:
         rng = saved.get("rng_by_rank", [])
         if 0 < self.world.rank < len(rng):
             torch.set_rng_state(rng[self.world.rank])
+        cuda_rng = saved.get("cuda_rng_by_rank", [])
+        if self.device.type == "cuda" and self.world.rank < len(cuda_rng):
+            torch.cuda.set_rng_state(cuda_rng[self.world.rank], self.device)
         carried = saved.get("carried")
         if carried is not None and self.cfg.carry_state:
             rows = carried["layers"][0].shape[0] // self.world.size
             start = self.world.rank * rows
-            layers = [S[start : start + rows].clone() for S in carried["layers"]]
+            layers = [self._here(S[start : start + rows].clone()) for S in carried["layers"]]
             self.state = BDHState(layers, int(carried["pos"]))
 
     def _gather_rows(self, t: Tensor) -> Tensor:
+        return torch.cat(self._gather_list(t))
+
+    def _gather_list(self, t: Tensor) -> list[Tensor]:
+        """t of every rank, in rank order, on the CPU (for checkpoints)."""
         if self.world.size == 1:
-            return t
+            return [t.cpu()]
+        t = self._here(t)  # NCCL gathers GPU tensors only
         parts = [torch.empty_like(t) for _ in range(self.world.size)]
         dist.all_gather(parts, t)
-        return torch.cat(parts)
+        return [p.cpu() for p in parts]
 
 
 def _device(model: nn.Module) -> str:

@@ -97,6 +97,9 @@ class TrainConfig:
     recompute: bool = False  # recompute each layer in the backward pass: less memory, ~+30% time
     precision: str = "fp32"  # "bf16": products under bf16 autocast, the state stays float32
     compile: bool = False  # torch.compile the model (eager, with a warning, where unsupported)
+    # Where the model trains: "cpu", "cuda", "cuda:K" or "auto" (a GPU if there is one). Under
+    # torchrun each process takes the GPU of its LOCAL_RANK. Checkpoints are stored on the CPU.
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -200,9 +203,10 @@ class EvalResult:
 
 
 def _score(model: nn.Module, x: Tensor, y: Tensor, nbytes: Tensor) -> tuple[float, int, int]:
-    """Summed nats, token count and byte count of predicting y from x."""
-    logits, _ = model(x)
-    nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+    """Summed nats, token count and byte count of predicting y from x (on the CPU)."""
+    device = next(model.parameters()).device
+    logits, _ = model(x.to(device))
+    nats = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum")
     return float(nats), y.numel(), int(nbytes[y].sum())
 
 
