@@ -202,3 +202,30 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, text_
         torch.testing.assert_close(
             torch.tensor(_losses(two)[6:]), torch.tensor(_losses(one)[6:]), rtol=1e-4, atol=1e-5
         )
+
+
+# ---------------------------------------------------------------- torch.compile
+def test_compile_falls_back_to_eager_with_a_warning_where_unsupported(monkeypatch):
+    import bdh.speed as speed
+
+    monkeypatch.setattr(speed.shutil, "which", lambda name: None)  # no C++ compiler
+    model = BDH(BDHConfig.from_name("tiny"))
+    with pytest.warns(UserWarning, match="--compile ignored: no C\\+\\+ compiler"):
+        assert speed.compile_model(model, "cpu") is model
+    assert getattr(model, "_compiled_call_impl", None) is None  # still eager
+
+
+@pytest.mark.slow  # compiles forward and backward (~1 minute)
+def test_a_compiled_run_trains_like_the_eager_one(tmp_path, text_file):
+    from bdh.speed import compile_supported
+
+    if not compile_supported("cpu")[0]:
+        pytest.skip(compile_supported("cpu")[1])
+    eager = train(_cfg(tmp_path, text_file, "eager", max_steps=3), **QUIET)
+    compiled = train(_cfg(tmp_path, text_file, "compiled", max_steps=3, compile=True), **QUIET)
+    assert len(_losses(tmp_path / "compiled")) == 3
+    torch.testing.assert_close(
+        torch.tensor(_losses(tmp_path / "compiled")), torch.tensor(_losses(tmp_path / "eager")),
+        rtol=1e-4, atol=1e-5,
+    )  # fmt: skip
+    assert compiled.status == eager.status == "done"
