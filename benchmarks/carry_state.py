@@ -89,7 +89,8 @@ def main() -> None:
     args = parse_args()
     info = common.machine_info()
     print(common.machine_line(info), flush=True)
-    results: dict[str, Any] = {"machine": info, "settings": vars(args), "runs": {}}
+    settings = {k: v for k, v in vars(args).items() if k != "json"}  # no paths of this machine
+    results: dict[str, Any] = {"machine": info, "settings": settings, "runs": {}}
     if Path(args.json).is_file():  # keep the runs measured before (--runs picks a subset)
         results["runs"] = json.loads(Path(args.json).read_text()).get("runs", {})
     for name in args.runs:

@@ -226,6 +226,8 @@ class BDH(nn.Module):
             )
         if idx.numel() == 0:
             raise ValueError("idx is empty: need at least one token")
+        if torch.compiler.is_compiling():
+            return  # reading the ids' range is a graph break; the trainer checks its data first
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= self.config.vocab_size:
             bad = hi if hi >= self.config.vocab_size else lo
