@@ -1,6 +1,6 @@
 """BDH vs the parameter-matched GPT at three sizes: loss vs parameters, time and FLOPs (Fig. 7).
 
-    python benchmarks/scaling.py            # 360k/1m/3m on shakespeare, 262k tokens each (~35 min)
+    python benchmarks/scaling.py            # 360k/1m/3m on shakespeare, 262k tokens each (~10 min)
     python benchmarks/scaling.py --quick    # q70k/q170k/q470k, 8k tokens each (~30 s)
     python benchmarks/scaling.py --sizes 1m,3m,10m --tokens 10000000   # a bigger machine
 

@@ -1,6 +1,6 @@
 """English→French: BDH vs the GPT baseline at equal parameters and tokens, BLEU and chrF.
 
-    python benchmarks/translation.py            # 1m pair, first 50k Tatoeba pairs (~20 min)
+    python benchmarks/translation.py            # 1m pair, first 50k Tatoeba pairs (~5 min)
     python benchmarks/translation.py --quick    # q70k pair, 2k pairs, 8k tokens (~15 s)
 
 The pairs come from $BDH_SHARED_DATA/tatoeba_eng_fra.tsv (default ../shared/data; never copied

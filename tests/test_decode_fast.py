@@ -370,7 +370,7 @@ def test_stop_errors_are_one_line_messages():
 
 
 # ---------------------------------------------------------------------- fused C++ kernels (opt-in)
-@pytest.mark.parametrize("B", [1, 3])  # the first call compiles the kernels (~1 minute)
+@pytest.mark.parametrize("B", [1, 3])  # the first call compiles the kernels (~30 s)
 def test_cpp_kernels_equal_the_torch_sparse_step(B):
     from bdh.ops import cpu_kernels
 

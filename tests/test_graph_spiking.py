@@ -77,7 +77,7 @@ def test_whole_model_spiking_average_converges_to_the_deterministic_logits():
     graph = tiny_bdh(std=0.2)
     tokens = [3, 7, 1, 4, 9, 2]
     errors = measure_convergence(graph, tokens, runs=[256, 1024, 4096, 16384], repeats=6)
-    # Measured slopes over independent seeds: −0.51 … −0.57.
+    # Measured slopes over independent seeds: −0.44 … −0.57 (docs/graph-model.md).
     assert -0.65 < slope(errors) < -0.4, errors
     assert errors[16384] < 0.05  # RMS error relative to the RMS logit
 

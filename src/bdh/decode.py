@@ -80,7 +80,7 @@ class DecodeOptions:
     # "model" keeps the model's weights; "bfloat16" halves the weight bytes read per token.
     weights: str = "model"
     # Sparse steps in torch ops, or in fused C++ kernels ("cpp": one pass over the active rows,
-    # compiled on first use, ~1 minute; `bdh.ops.cpu_kernels`). Default: $BDH_KERNELS or torch.
+    # compiled on first use, ~30 s; `bdh.ops.cpu_kernels`). Default: $BDH_KERNELS or torch.
     kernels: str = field(default_factory=lambda: os.environ.get("BDH_KERNELS", "torch"))
     # Threads of a one-token step. None = auto: one thread when a layer's state is small
     # (B·n·D < ONE_THREAD_BELOW), torch's setting otherwise; 0 = always torch's setting. Waking a

@@ -122,7 +122,8 @@ def run_translation(cfg: TranslationConfig, log: Any = print) -> dict[str, Any]:
         results[model] = {**record.to_dict(), "scores": scores}
     return {
         "experiment": "translation",
-        "config": {**dataclasses.asdict(cfg), "pairs": str(cfg.pairs_path)},
+        # The file's name, not its path: results are shared and the data lives outside the project.
+        "config": {**dataclasses.asdict(cfg), "pairs": cfg.pairs_path.name},
         "pairs": counts,
         "runs": results,
     }

@@ -8,7 +8,7 @@ call. These kernels make one pass: each active row of S is read once and written
 row of D_y and E is read once, nothing is allocated per row. They compute the same sums (in a
 different order) and are tested against the torch versions.
 
-Built with torch.utils.cpp_extension (needs a C++ compiler; ~1 minute the first time, then cached
+Built with torch.utils.cpp_extension (needs a C++ compiler; ~30 s the first time, then cached
 in the torch extensions directory). `available()` says whether they can be used; nothing falls
 back silently: the engine uses them only when asked (`DecodeOptions(kernels="cpp")`).
 """
