@@ -1,4 +1,4 @@
-"""The README is a runnable contract: its Python snippets run and its commands exist."""
+"""The README and docs are a runnable contract: their Python snippets run, the commands exist."""
 
 from __future__ import annotations
 
@@ -9,12 +9,19 @@ import pytest
 from conftest import REPO
 
 README = (REPO / "README.md").read_text()
-SNIPPETS = re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL)
+DOCS = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))]
+SNIPPETS = [
+    (name, code)
+    for name in DOCS
+    for code in re.findall(r"```python\n(.*?)```", (REPO / name).read_text(), flags=re.DOTALL)
+]
 
 
-@pytest.mark.parametrize("code", SNIPPETS, ids=[f"snippet-{i}" for i in range(len(SNIPPETS))])
-def test_python_snippets_run(code):
-    exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+@pytest.mark.parametrize(
+    "name, code", SNIPPETS, ids=[f"{name}-{i}" for i, (name, _) in enumerate(SNIPPETS)]
+)
+def test_python_snippets_run(name, code):
+    exec(compile(code, name, "exec"), {"__name__": "__readme__"})
 
 
 def test_the_two_opening_commands_exist():
