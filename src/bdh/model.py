@@ -191,6 +191,8 @@ class BDH(nn.Module):
 
     def _neurons(self, v: Tensor, x_prev: Tensor | None) -> Tensor:
         """x = relu(v D_x); with the paper's Eq. 8 residual, x accumulates in neuron space."""
+        # A broadcast product per head: flattening all heads into one (B·T, D) × (D, nh·N) product
+        # (and likewise D_y over B·T rows, E over nh·N) measured no faster on CPU (0.95-1.00×).
         x = (v @ self.encoder).relu_()  # (B, nh, T, N); in place: the product is not needed again
         if self.config.residual == "neuron" and x_prev is not None:
             x = x_prev + x
