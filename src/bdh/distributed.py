@@ -129,7 +129,7 @@ class Stepper:
         if cfg.recompute:
             model.recompute = True
         if cfg.compile:
-            compile_model(model, _device(model))
+            compile_model(model, self.device.type)
         self.net = model  # what the micro-batch calls: the model, or its DDP wrapper
         if self.world.size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -166,7 +166,7 @@ class Stepper:
 
     def loss(self, x: Tensor, y: Tensor) -> Tensor:
         """Mean next-token loss of this rank's rows (reading the carried state if any)."""
-        with autocast(self.cfg.precision, _device(self.model)):
+        with autocast(self.cfg.precision, self.device.type):
             if not self.cfg.carry_state:
                 return self.net(x, y)[1]
             if self.state is None:
@@ -247,10 +247,6 @@ class Stepper:
         parts = [torch.empty_like(t) for _ in range(self.world.size)]
         dist.all_gather(parts, t)
         return [p.cpu() for p in parts]
-
-
-def _device(model: nn.Module) -> str:
-    return next(model.parameters()).device.type
 
 
 class NullLog:

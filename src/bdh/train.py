@@ -203,7 +203,7 @@ class EvalResult:
 
 
 def _score(model: nn.Module, x: Tensor, y: Tensor, nbytes: Tensor) -> tuple[float, int, int]:
-    """Summed nats, token count and byte count of predicting y from x (on the CPU)."""
+    """Summed nats, token count and byte count of predicting y from x, on the model's device."""
     device = next(model.parameters()).device
     logits, _ = model(x.to(device))
     nats = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum")
