@@ -285,3 +285,41 @@ def test_neuron_residual_points_accumulate_x():
         step_by_step(model, idx, STEP_OPTIONS["state-sparse"])
     for name in interpret.hook_names(model):
         close(stepped[name], cache[name])
+
+
+# ---------------------------------------------------------------------- a trained checkpoint
+@pytest.mark.slow
+def test_must_show_on_a_trained_checkpoint():
+    """On `runs/quickstart` (or $BDH_CHECKPOINT): `pytest -m slow -k trained_checkpoint`."""
+    import os
+
+    from bdh.checkpoint import load_checkpoint
+    from conftest import REPO
+
+    path = os.environ.get("BDH_CHECKPOINT", str(REPO / "runs" / "quickstart"))
+    if not os.path.exists(path):
+        pytest.skip(f"no trained checkpoint at {path} (set BDH_CHECKPOINT)")
+    model = load_checkpoint(path).model.eval()
+    c = model.config
+    if c.residual != "reference" or not (c.layernorm and c.rope) or c.damping is not None:
+        pytest.skip("the hand-written forward is the reference architecture")
+    idx = ids(2, 64)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(idx)
+        assert torch.equal(logits, model(idx)[0])
+        assert torch.equal(cache["x", 0], torch.relu(cache["v", 0].unsqueeze(1) @ model.encoder))
+        everywhere = [(name, lambda t, name: t) for name in interpret.hook_names(model)]
+        assert torch.equal(model.run_with_hooks(idx, hooks=everywhere), logits)
+        layer = c.n_layer - 1
+        _, y = model.run_with_cache(idx, names=[f"layers.{layer}.y"])
+        neuron = int((y["y", layer][:, HEAD] > 0).sum((0, 1)).argmax())
+        hook = [(f"layers.{layer}.x", zero(neuron))]
+        ablated = model.run_with_hooks(idx, hooks=hook)
+        close(ablated, hand_forward(model, idx, ablate=(layer, HEAD, neuron)), tol=1e-4)
+        assert changes(ablated, logits)
+        with interpret.capture(model) as stepped:
+            step_by_step(model, idx, DecodeOptions(), prefill=16)
+        for name in interpret.hook_names(model):
+            close(stepped[name], cache[name], tol=1e-4)
+        with interpret.hooks(model, hook):
+            close(step_by_step(model, idx, DecodeOptions(), prefill=16), ablated, tol=1e-4)
