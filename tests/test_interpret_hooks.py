@@ -288,6 +288,15 @@ def test_model_step_and_generate_fire_inside_the_context(model):
     close(cache["a", 1], full["a", 1])
 
 
+def test_pieces_of_different_batch_shapes_are_a_clear_error(model):
+    from bdh.generate import generate_batch
+
+    with interpret.capture(model, ["layers.0.x"]) as cache:
+        generate_batch(model, [b"To be", b"Now is the"], 2, top_k=1)
+    with pytest.raises(ValueError, match="different batch shapes"):
+        cache["x", 0]
+
+
 def test_neuron_residual_points_accumulate_x():
     """With residual="neuron", layers.l.x = layers.(l−1).x + relu(layers.l.v D_x)."""
     model = trained_model(steps=5, residual="neuron")
