@@ -216,7 +216,7 @@ def _kept(attention_mask: Tensor | None, T: int) -> Tensor | None:
         return None
     if attention_mask.dim() != 2:
         raise ValueError(
-            f"attention_mask must be (batch, length) of 0/1, got shape {tuple(attention_mask.shape)}"
+            f"attention_mask must be (batch, length) 0/1, got shape {tuple(attention_mask.shape)}"
         )
     keep = attention_mask[:, -T:].bool()
     return None if bool(keep.all()) else keep
