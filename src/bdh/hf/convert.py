@@ -24,9 +24,9 @@ from torch import Tensor
 from bdh.baseline.gpt import GPT, GPTConfig
 from bdh.checkpoint import load_checkpoint, save_checkpoint
 from bdh.config import ConfigError
+from bdh.hf import tokenization
 from bdh.hf.configuration import BDHHFConfig
 from bdh.hf.modeling import BDHForCausalLM
-from bdh.hf.tokenization import from_folder, to_transformers
 from bdh.model import BDH
 
 WEIGHTS = "model.safetensors"
@@ -72,7 +72,7 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
             (out / name).write_text(text)
     else:
         raise ConversionError(f"no transformers form for a {loaded.kind!r} checkpoint")
-    to_transformers(loaded.tokenizer).save_pretrained(out)
+    tokenization.save(loaded.tokenizer, out)
     return out
 
 
@@ -99,7 +99,7 @@ def import_hf(folder: str | Path, out: str | Path) -> Path:
             )
     model.load_state_dict(weights, strict=True)
     return save_checkpoint(
-        out, model, "bdh", from_folder(folder), meta={"imported_from": str(folder)}
+        out, model, "bdh", tokenization.from_folder(folder), meta={"imported_from": str(folder)}
     )
 
 

@@ -33,15 +33,28 @@ def byte_tokenizer() -> Tokenizer:
     return tok
 
 
+def _as_tokenizers(tokenizer: BDHTokenizer) -> Tokenizer:
+    if isinstance(tokenizer, ByteTokenizer):
+        return byte_tokenizer()
+    if isinstance(tokenizer, BPETokenizer):
+        return Tokenizer.from_str(tokenizer._tok.to_str())
+    raise TypeError(f"no transformers form for a {type(tokenizer).__name__}")
+
+
 def to_transformers(tokenizer: BDHTokenizer) -> PreTrainedTokenizerFast:
     """Our tokenizer (bytes or BPE) as a transformers fast tokenizer with the same ids."""
-    if isinstance(tokenizer, ByteTokenizer):
-        tok = byte_tokenizer()
-    elif isinstance(tokenizer, BPETokenizer):
-        tok = Tokenizer.from_str(tokenizer._tok.to_str())
-    else:
-        raise TypeError(f"no transformers form for a {type(tokenizer).__name__}")
+    tok = _as_tokenizers(tokenizer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False)
+
+
+def save(tokenizer: BDHTokenizer, directory: Path) -> None:
+    """Write `tokenizer.json` and `tokenizer_config.json` for `AutoTokenizer`.
+
+    transformers writes its own `tokenizer.json` with a no-op post-processor added; ours replaces
+    it, so importing the folder gives back the very tokenizer (same fingerprint) it came from.
+    """
+    to_transformers(tokenizer).save_pretrained(directory)
+    (Path(directory) / TOKENIZER_FILE).write_text(_as_tokenizers(tokenizer).to_str())
 
 
 def from_folder(directory: Path) -> BDHTokenizer:
