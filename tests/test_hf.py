@@ -307,10 +307,12 @@ def test_trust_remote_code_loads_from_the_folders_own_code(folder, ours):
 def test_gpt_baseline_exports_to_transformers_gpt2(tmp_path, bias):
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name("tiny", bias=bias)).eval()
-    with torch.no_grad():  # non-zero biases and LayerNorm weights, so each one is checked
-        for name, p in model.named_parameters():
+    with torch.no_grad():  # non-zero biases, LayerNorm weights and GELU inputs of order 1,
+        for name, p in model.named_parameters():  # so each mapped piece is checked
             if name.endswith(("bias", "ln_1.weight", "ln_2.weight", "ln_f.weight")):
                 p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith("c_fc.weight"):
+                p.mul_(50)
     ckpt = save_checkpoint(tmp_path / "gpt", model, "gpt", ByteTokenizer())
     folder = export_hf(ckpt, tmp_path / "gpt2")
     gpt2 = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
