@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -263,6 +264,20 @@ def test_damping_and_options_survive_the_round_trip(tmp_path):
     idx = torch.randint(0, 256, (1, 21))
     with torch.no_grad():  # λ is not saved with the weights: rebuilt from the configuration
         _close(loaded(idx).logits, model(idx)[0])
+
+
+def test_the_readme_lines_generate_from_an_exported_folder(folder, ours, capsys):
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### In Hugging Face transformers", 1)[1]
+    code = re.search(r"```py\n(.*?)```", section, flags=re.DOTALL).group(1)
+    torch.manual_seed(11)
+    exec(code.replace('"hf/bdh"', repr(str(folder))), {"__name__": "__readme__"})
+    # The pipeline samples (temperature 0.7, and top-k 50 from transformers' defaults).
+    torch.manual_seed(11)
+    expected = ours.generate(_text_ids("ROMEO:"), 100, temperature=0.7, top_k=50)[0]
+    text = transformers.AutoTokenizer.from_pretrained(folder).decode(expected)  # same � rules
+    assert capsys.readouterr().out == text + "\n"
+    assert text.startswith("ROMEO:") and len(expected) == 106
 
 
 def test_tokenizers_load_with_autotokenizer_and_keep_our_ids(folder, tmp_path):
