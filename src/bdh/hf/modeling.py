@@ -86,7 +86,6 @@ class BDHPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     _no_split_modules = ["BDH"]  # noqa: RUF012
     _is_stateful = True  # generation cannot roll the state back (no assisted decoding)
-    _supports_cache_class = True
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         # Weights read from a checkpoint are never re-initialised; new ones follow the reference.
