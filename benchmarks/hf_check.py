@@ -57,7 +57,8 @@ def check(ckpt: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
         out["logits_rel_diff_cache_prefill"] = rel(theirs(idx, use_cache=True).logits, expected)
         # token by token through the cache, every position against the full forward pass
         step = theirs(idx[:, :1])
-        cache, pieces = step.cache, [step.logits]
+        cache = step.cache if "cache" in step else step.past_key_values  # name before 5.24
+        pieces = [step.logits]
         for t in range(1, args.length):
             pieces.append(theirs(idx[:, t : t + 1], cache=cache).logits)
         out["cached_decoding_rel_diff_every_position"] = rel(torch.cat(pieces, 1), expected)

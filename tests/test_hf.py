@@ -71,6 +71,10 @@ def _text_ids(text: str) -> torch.Tensor:
     return torch.tensor([list(text.encode())])
 
 
+def _cache_of(output):  # transformers 5.24 names it `cache`, earlier 5.x `past_key_values`
+    return output.cache if "cache" in output else output.past_key_values
+
+
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = RTOL) -> None:
     """Equal to rtol relative to the largest magnitude (logits near 0 have no relative scale)."""
     err = float((a - b).abs().max() / b.abs().max())
@@ -94,7 +98,7 @@ def test_cached_decoding_equals_the_full_forward_at_every_position(ours, theirs)
     with torch.no_grad():
         expected = ours(idx)[0]
         out = theirs(idx[:, :7])  # a prompt, then one token at a time
-        cache, pieces = out.cache, [out.logits]
+        cache, pieces = _cache_of(out), [out.logits]
         assert isinstance(cache, bdh.hf.BDHCache)
         for t in range(7, 40):
             out = theirs(idx[:, t : t + 1], cache=cache)
@@ -155,7 +159,7 @@ def test_padding_between_decoding_steps_is_not_read(ours, theirs):
     """A masked token fed through the cache leaves that row's state and position untouched."""
     idx = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        cache = theirs(idx[:, :6]).cache
+        cache = _cache_of(theirs(idx[:, :6]))
         step = torch.tensor([[idx[0, 6]], [5]])  # row 1 gets a pad this step
         theirs(step, attention_mask=torch.tensor([[1] * 7, [1] * 6 + [0]]), cache=cache)
         last = theirs(torch.stack([idx[0, 7:8], idx[1, 6:7]]), cache=cache).logits

@@ -27,6 +27,11 @@ from bdh.hf.configuration import BDHHFConfig
 from bdh.model import BDH
 from bdh.state import BDHState
 
+# transformers 5.24 calls the cache `cache`; earlier releases `past_key_values`.
+_CACHE_FIELD = (
+    "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+)
+
 
 class BDHCache(Cache):
     """The decoding state of BDH for `generate`: one `BDHState`, whose size is constant.
@@ -173,7 +178,7 @@ class BDHForCausalLM(BDHPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
 
     def _full(self, idx: Tensor, keep: Tensor | None) -> Tensor:
         """The parallel forward pass; rows with masked tokens run alone on their kept tokens."""
