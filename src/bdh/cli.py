@@ -383,6 +383,45 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- export / import
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("format", choices=["hf"], help="hf: a Hugging Face transformers folder")
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="a checkpoint or a run directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
+
+
+@verb("export", "write a checkpoint in another format (hf: a transformers folder; extra `hf`)",
+      _export_arguments)  # fmt: skip
+def _export(args: argparse.Namespace) -> int:
+    out = _hf_convert().export_hf(args.ckpt, args.out)
+    print(f"[export] {args.ckpt} -> {out} (AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
+
+
+def _import_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("format", choices=["hf"], help="hf: a folder written by `bdh export hf`")
+    p.add_argument("folder", metavar="DIR", help="the folder to read")
+    p.add_argument("--out", required=True, metavar="DIR", help="the checkpoint to write")
+
+
+@verb("import", "read a folder of another format back into a checkpoint (hf; extra `hf`)",
+      _import_arguments)  # fmt: skip
+def _import(args: argparse.Namespace) -> int:
+    out = _hf_convert().import_hf(args.folder, args.out)
+    print(f"[import] {args.folder} -> {out}")
+    return 0
+
+
+def _hf_convert():  # -> the module bdh.hf.convert
+    try:
+        from bdh.hf import convert
+    except ImportError as e:  # the extra is not installed: one line, not a traceback
+        raise ValueError(str(e)) from None
+    return convert
+
+
 # ---------------------------------------------------------------------------- main
 
 
