@@ -342,7 +342,7 @@ def _load_bdh(path: str | Path) -> Checkpoint:
 def _check_tokenizers(ckpts: Sequence[Checkpoint], names: Sequence[str]) -> None:
     first = ckpts[0].tokenizer
     for ckpt, name in zip(ckpts[1:], names[1:], strict=True):
-        if (ckpt.tokenizer.kind, ckpt.tokenizer.fingerprint()) != (first.kind, first.fingerprint()):
+        if (ckpt.tokenizer.kind, ckpt.tokenizer.fingerprint) != (first.kind, first.fingerprint):
             raise MergeError(
                 f"cannot merge {names[0]} and {name}: their tokenizers differ"
                 f" ({first.kind} vs {ckpt.tokenizer.kind})"
