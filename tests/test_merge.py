@@ -254,3 +254,34 @@ def test_bad_grow_and_prune_values(parents, tmp_path, capsys):
     _fails_writing_nothing(
         capsys, ["prune", str(parents["a"]), "--keep", "1.5", "--out", str(out)], out, "--keep"
     )
+
+
+# ---------------------------------------------------------------------------- the experiment
+
+
+def test_experiment_quick_reports_every_row_on_every_task(shared_data, tmp_path, capsys):
+    """End to end on a tiny model; a second invocation reuses every stage and gives the same
+    numbers (the reloaded checkpoints compute what the trained models did)."""
+    import json
+
+    argv = ["experiment", "merge", "--quick", "--data", str(shared_data), "--runs", str(tmp_path)]
+    assert main(argv) == 0
+    payload = json.loads((tmp_path / "merge-quick.json").read_text())
+    rows = payload["rows"]
+    assert len(rows) == 10 and "control: scratch A+B merged" in rows
+    for row in rows.values():
+        assert set(row["loss"]) == {"english", "translation", "shakespeare"}
+        assert all(0 < v < 10 for v in row["loss"].values())
+        assert set(row["samples"]) == {"en->fr", "fr->en", "shakespeare", "english"}
+    n = rows["base"]["neurons"]
+    assert rows["merge A+B (mean)"]["neurons"] == rows["joint (from base)"]["neurons"] * 2 == 2 * n
+    assert rows["merge A+B + fine-tune"]["tokens"] <= 0.1 * rows["child A (translation)"]["tokens"]
+    assert "| merge A+B (mean) | " in (tmp_path / "merge-quick.md").read_text()
+    assert (tmp_path / "merge-quick-samples.md").is_file()
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("reusing") == 7
+    again = json.loads((tmp_path / "merge-quick.json").read_text())
+    assert {k: r["loss"] for k, r in again["rows"].items()} == {
+        k: r["loss"] for k, r in rows.items()
+    }
