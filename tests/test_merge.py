@@ -56,17 +56,15 @@ def test_a_model_merged_with_itself_computes_the_same_logits(copies, changes):
 
 
 def test_merged_neurons_are_the_parents_neurons_in_every_head():
-    """With the embedding shared, the merged model's first-layer x (from the model's own code) is
-    A's x then B's x in every head: the decoder and encoders were split per head, not flat."""
+    """With the embedding shared, the merged model's first-layer x (read at the model's own
+    activation point) is A's x then B's x in every head: the encoders were split per head."""
     a, b = _model(1), _model(2)
     b.embed.load_state_dict(a.embed.state_dict())
     merged = merge.merge_models([a, b])
     idx = _idx(1)
 
     def first_x(m: BDH) -> torch.Tensor:
-        with torch.no_grad():
-            v = m._ln(m.embed(idx)).unsqueeze(1)
-            return m._neurons(v, None)  # (B, nh, T, N)
+        return m.run_with_cache(idx, names=["layers.0.x"])[1]["x", 0]  # (B, nh, T, N)
 
     torch.testing.assert_close(first_x(merged), torch.cat([first_x(a), first_x(b)], dim=-1))
     nh, N, D = a.config.n_head, a.config.N, a.config.n_embd
@@ -152,6 +150,30 @@ def test_prune_by_decoder_norm_undoes_a_silent_grow():
     assert [e["ranges"][0] for e in pruned.config.meta["heritage"]] == [[0, 128], [128, 128]]
 
 
+def test_prune_by_firing_rate_undoes_a_silent_grow():
+    """Firing rates read through the model's activation points: silent neurons never fire."""
+    model = _model(0)
+    N = model.config.N
+    grown = merge.grow_model(model, N, scale=0.0)
+    tokens = _idx(4, T=96).flatten()
+    rates = merge.firing_rate_scores(grown, tokens, block_size=32)
+    assert rates.shape == (model.config.n_head, 2 * N)
+    assert (rates[:, N:] == 0).all() and rates[:, :N].sum() > 0
+    pruned = merge.prune_model(grown, keep=0.5, scores=rates)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(pruned.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_firing_rate_is_the_share_of_positive_y():
+    """Against y recorded by a hook over the whole text at once (one window)."""
+    model = _model(0)
+    tokens = _idx(5, T=48).flatten()[:48]
+    _, cache = model.run_with_cache(tokens[None], names=["layers.0.y", "layers.1.y"])
+    expected = sum((cache["y", layer][0] > 0).float().mean(1) for layer in range(2)) / 2
+    rates = merge.firing_rate_scores(model, tokens, block_size=48)
+    torch.testing.assert_close(rates, expected)
+
+
 def test_prune_keeps_rotary_pairs_and_their_order():
     model = _model(0)
     scores = torch.zeros(model.config.n_head, model.config.N)
@@ -205,6 +227,14 @@ def test_grow_and_prune_from_the_command_line(parents, tmp_path, capsys):
     assert load_checkpoint(grown).config.N == 128 + 32
     assert main(["prune", str(grown), "--keep", "0.5", "--out", str(pruned)]) == 0
     assert load_checkpoint(pruned).config.N == 80
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    fired = tmp_path / "f"
+    argv = ["prune", str(grown), "--keep", "0.25", "--by", "firing", "--data", str(text)]
+    assert main([*argv, "--out", str(fired)]) == 0
+    assert load_checkpoint(fired).config.N == 32
+    _fails_writing_nothing(capsys, [*argv[:-2], "--out", str(tmp_path / "g2")], tmp_path / "g2",
+                           "needs --data")  # fmt: skip
 
 
 def _fails_writing_nothing(capsys, argv: list[str], out: Path, *expected: str) -> None:

@@ -410,15 +410,21 @@ def _prune_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of the neurons to keep, rounded to a multiple of"
                    " n_embd / n_head per head")  # fmt: skip
     p.add_argument("--out", required=True, metavar="DIR", help="the pruned checkpoint (new)")
-    p.add_argument("--by", choices=("decoder",), default="decoder",
-                   help="score of a neuron: its decoder row norm (default: decoder)")  # fmt: skip
+    p.add_argument("--by", choices=("decoder", "firing"), default="decoder",
+                   help="score of a neuron: its decoder row norm, or how often it fires on"
+                   " --data (default: decoder)")  # fmt: skip
+    p.add_argument("--data", metavar="SOURCE",
+                   help="text for --by firing: its training split is read (a file, a folder or"
+                   " a named corpus)")  # fmt: skip
+    p.add_argument("--max-tokens", type=int, default=65_536, metavar="N",
+                   help="tokens of --data read for --by firing (default: 65536)")  # fmt: skip
 
 
 @verb("prune", "drop the neurons that matter least (the reverse of grow)", _prune_arguments)
 def _prune(args: argparse.Namespace) -> int:
     from bdh.merge import prune_checkpoint
 
-    print(prune_checkpoint(args.ckpt, args.out, args.keep, args.by))
+    print(prune_checkpoint(args.ckpt, args.out, args.keep, args.by, args.data, args.max_tokens))
     return 0
 
 

@@ -269,6 +269,34 @@ def decoder_norm_scores(config: BDHConfig, state: State) -> Tensor:
     return split_neurons(state, config.n_head)["decoder"].norm(dim=-1)
 
 
+@torch.no_grad()
+def firing_rate_scores(
+    model: BDH, tokens: Tensor, block_size: int = 256, batch_size: int = 8
+) -> Tensor:
+    """(nh, N): how often each neuron fires (y > 0), averaged over layers and token positions.
+
+    y = x ⊙ relu(LN(a) D_y) is what a neuron writes through the decoder; it is read from the
+    model's own activation points (`model.run_with_cache`), never recomputed here. `tokens` (n,)
+    is cut into windows of block_size, each read from an empty context, as in training.
+    """
+    T = min(block_size, tokens.numel())
+    windows = tokens[: tokens.numel() // T * T].view(-1, T)  # (windows, T)
+    if windows.shape[0] == 0:
+        raise MergeError("prune --by firing needs at least one token of data")
+    L, nh, N = model.config.n_layer, model.config.n_head, model.config.N
+    names = [f"layers.{layer}.y" for layer in range(L)]
+    fired, positions = torch.zeros(nh, N, dtype=torch.float64), 0
+    was_training = model.training
+    model.eval()
+    for rows in windows.split(batch_size):
+        _, cache = model.run_with_cache(rows.long(), names=names)
+        for name in names:
+            fired += (cache[name] > 0).sum(dim=(0, 2)).double()  # (B, nh, T, N) → (nh, N)
+        positions += rows.numel() * L
+    model.train(was_training)
+    return (fired / positions).float()
+
+
 def kept_count(config: BDHConfig, keep: float) -> int:
     """Neurons per head kept for a fraction `keep`, rounded to a multiple of `width_unit`."""
     if not 0.0 < keep <= 1.0:
@@ -390,14 +418,48 @@ def grow_checkpoint(
     return save_checkpoint(out, _build(config, state), "bdh", ckpt.tokenizer, meta)
 
 
-def prune_checkpoint(path: str | Path, out: str | Path, keep: float, by: str = "decoder") -> Path:
-    """Write the checkpoint at `path`, pruned to a fraction `keep` of its neurons, to `out`."""
+PRUNE_BY = ("decoder", "firing")
+
+
+def prune_checkpoint(
+    path: str | Path,
+    out: str | Path,
+    keep: float,
+    by: str = "decoder",
+    data: str | None = None,
+    max_tokens: int = 65_536,
+) -> Path:
+    """Write the checkpoint at `path`, pruned to a fraction `keep` of its neurons, to `out`.
+
+    by="decoder" scores neurons by their decoder row norm; by="firing" by how often they fire on
+    the first `max_tokens` tokens of the training split of `data` (a bdh.data source).
+    """
+    if by not in PRUNE_BY:
+        raise MergeError(f"prune --by must be one of {', '.join(PRUNE_BY)}, got {by!r}")
+    if by == "firing" and data is None:
+        raise MergeError("prune --by firing needs --data SOURCE (the text the neurons fire on)")
     _check_out(out, [path])
     ckpt = _load_bdh(path)
-    if by != "decoder":
-        raise MergeError(f"prune --by must be one of decoder, got {by!r}")
+    kept_count(ckpt.config, keep)  # a bad fraction fails before the data is read
     state = ckpt.model.state_dict()
-    scores = decoder_norm_scores(ckpt.config, state)
+    if by == "firing":
+        tokens = _corpus_tokens(data, ckpt.tokenizer, ckpt.config.vocab_size, max_tokens)
+        block = int(ckpt.meta.get("train", {}).get("block_size", 256))
+        scores = firing_rate_scores(ckpt.model, tokens, block)
+    else:
+        scores = decoder_norm_scores(ckpt.config, state)
     config, pruned = prune_state(ckpt.config, state, scores, keep)
-    meta = {"prune": {"parent": str(path), "keep": keep, "by": by, "neurons_per_head": config.N}}
+    meta = {"prune": {"parent": str(path), "keep": keep, "by": by, "data": data,
+                      "neurons_per_head": config.N}}  # fmt: skip
     return save_checkpoint(out, _build(config, pruned), "bdh", ckpt.tokenizer, meta)
+
+
+def _corpus_tokens(source: str, tokenizer: Any, vocab_size: int, max_tokens: int) -> Tensor:
+    from bdh import data as bdh_data
+
+    if max_tokens < 1:
+        raise MergeError(f"--max-tokens must be >= 1, got {max_tokens}")
+    corpus = bdh_data.load_corpus(source)
+    tokens = bdh_data.tokenize_cached(corpus.train, tokenizer)[:max_tokens]
+    bdh_data.check_tokens(tokens, 1, vocab_size, f"the train split of {source}")
+    return torch.from_numpy(tokens.astype("int64"))
