@@ -298,7 +298,8 @@ def test_experiment_quick_reports_every_row_on_every_task(shared_data, tmp_path,
     assert main(argv) == 0
     payload = json.loads((tmp_path / "merge-quick.json").read_text())
     rows = payload["rows"]
-    assert len(rows) == 10 and "control: scratch A+B merged" in rows
+    assert len(rows) == 12 and "control: scratch A+B merged" in rows
+    assert rows["merge pruned to half (firing rate)"]["neurons"] == rows["base"]["neurons"]
     for row in rows.values():
         assert set(row["loss"]) == {"english", "translation", "shakespeare"}
         assert all(0 < v < 10 for v in row["loss"].values())

@@ -260,6 +260,7 @@ def run_merge(
     spec_a, sa_info = stage("scratch_a", None, ["translation"], scratch, cfg.lr, "-", s + 5)
     spec_b, sb_info = stage("scratch_b", None, ["shakespeare"], scratch, cfg.lr, "-", s + 6)
     control = merge.merge_models([spec_a, spec_b], names=["scratch_a", "scratch_b"])
+    pruned = prune_rows(merged, data, cfg)
 
     rows: dict[str, tuple[BDH, dict[str, Any]]] = {
         "base": (base, base_info),
@@ -272,6 +273,7 @@ def run_merge(
         "scratch A (translation)": (spec_a, sa_info),
         "scratch B (shakespeare)": (spec_b, sb_info),
         "control: scratch A+B merged": (control, {"steps": 0, "tokens": 0}),
+        **{name: (model, {"steps": 0, "tokens": 0}) for name, model in pruned.items()},
     }
     held_out = {t: data[t]["val"][: cfg.eval_tokens + 1] for t in TASKS}
     results = {}
@@ -289,6 +291,23 @@ def run_merge(
         "rows": results,
         "summary": summary(results),
         "self_merge_max_logit_diff": self_merge,
+    }
+
+
+def prune_rows(
+    merged: BDH, data: dict[str, dict[str, np.ndarray]], cfg: MergeExperimentConfig
+) -> dict[str, BDH]:
+    """The merge cut back to the children's width (no training), by decoder row norm and by
+    firing rate on the children's training text (the first eval_tokens bytes of each task)."""
+    text = np.concatenate(
+        [data[t]["train"][: cfg.eval_tokens] for t in ("translation", "shakespeare")]
+    )
+    rates = merge.firing_rate_scores(
+        merged, torch.from_numpy(text.astype(np.int64)), cfg.block_size
+    )
+    return {
+        "merge pruned to half (decoder norm)": merge.prune_model(merged, 0.5),
+        "merge pruned to half (firing rate)": merge.prune_model(merged, 0.5, rates),
     }
 
 
