@@ -429,7 +429,8 @@ def add_merge_arguments(sub: Any) -> None:
     p.add_argument("--seed", type=int, help="seed of weights and batches (default: 1337)")
     p.add_argument("--data", metavar="DIR",
                    help="the shared data folder: gutenberg_nltk/, tatoeba_eng_fra.tsv,"
-                   " tinyshakespeare.txt (default: $BDH_SHARED_DATA)")  # fmt: skip
+                   " tinyshakespeare.txt (default: $BDH_SHARED_DATA, else"
+                   " ../shared/data)")  # fmt: skip
     p.add_argument(
         "--threads", type=int, help="torch CPU threads, 0 = torch's default (default: 1)"
     )
