@@ -298,7 +298,7 @@ def test_experiment_quick_reports_every_row_on_every_task(shared_data, tmp_path,
     assert main(argv) == 0
     payload = json.loads((tmp_path / "merge-quick.json").read_text())
     rows = payload["rows"]
-    assert len(rows) == 12 and "control: scratch A+B merged" in rows
+    assert len(rows) == 13 and "control: scratch A+B merged" in rows
     assert rows["merge pruned to half (firing rate)"]["neurons"] == rows["base"]["neurons"]
     for row in rows.values():
         assert set(row["loss"]) == {"english", "translation", "shakespeare"}
@@ -311,7 +311,7 @@ def test_experiment_quick_reports_every_row_on_every_task(shared_data, tmp_path,
     assert (tmp_path / "merge-quick-samples.md").is_file()
     capsys.readouterr()
     assert main(argv) == 0
-    assert capsys.readouterr().out.count("reusing") == 7
+    assert capsys.readouterr().out.count("reusing") == 8
     again = json.loads((tmp_path / "merge-quick.json").read_text())
     assert {k: r["loss"] for k, r in again["rows"].items()} == {
         k: r["loss"] for k, r in rows.items()
