@@ -1,6 +1,6 @@
 """Merging by neuron concatenation, the Table 2 analogue (paper §7.1), in one run.
 
-    python benchmarks/merge.py            # 2-layer D=128 models, 3,630 steps in all
+    python benchmarks/merge.py            # 2-layer D=128 models, 3,660 steps in all
     python benchmarks/merge.py --quick    # a tiny model, seconds: a smoke test
 
 The data come from $BDH_SHARED_DATA (default ../shared/data; never copied into the repository), or
