@@ -257,6 +257,24 @@ def test_bad_merges_give_one_line_and_write_nothing(parents, tmp_path, capsys, o
     _fails_writing_nothing(capsys, argv, out, expected)
 
 
+def test_parents_with_different_tokenizers_are_refused(tmp_path, capsys):
+    """Same vocabulary size, different BPE merges: the token ids mean different bytes."""
+    from bdh.tokenizer import BPETokenizer
+    from conftest import synthetic_text
+
+    paths = []
+    for seed in (0, 1):
+        bpe = BPETokenizer.train([synthetic_text(4_000, seed=seed)[seed * 7 :]], 300)
+        model = _model(seed, vocab_size=bpe.vocab_size)
+        paths.append(save_checkpoint(tmp_path / f"bpe{seed}", model, "bdh", bpe))
+    assert (
+        load_checkpoint(paths[0]).config.vocab_size == load_checkpoint(paths[1]).config.vocab_size
+    )
+    out = tmp_path / "m"
+    argv = ["merge", *map(str, paths), "--out", str(out)]
+    _fails_writing_nothing(capsys, argv, out, "tokenizers differ")
+
+
 def test_merging_a_missing_checkpoint(parents, tmp_path, capsys):
     out = tmp_path / "m"
     argv = ["merge", str(parents["a"]), str(tmp_path / "nope"), "--out", str(out)]
