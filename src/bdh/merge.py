@@ -39,7 +39,6 @@ from bdh.config import BDHConfig
 from bdh.model import BDH
 
 State = dict[str, Tensor]
-NEURON_TENSORS = ("encoder", "encoder_v", "decoder", "attn.freqs")
 SHARED_TENSORS = ("embed.weight", "lm_head")
 # Fields that change what a model computes from its weights; parents must agree on them.
 STRUCTURAL = (
@@ -306,7 +305,7 @@ def kept_count(config: BDHConfig, keep: float) -> int:
 
 
 def prune_state(
-    config: BDHConfig, state: State, scores: Tensor, keep: float
+    config: BDHConfig, state: State, scores: Tensor, keep: float, name: str = "parent"
 ) -> tuple[BDHConfig, State]:
     """Keep the rotary pairs with the highest score summed over the pair and the heads.
 
@@ -325,8 +324,7 @@ def prune_state(
     pruned = join_neurons({k: t.index_select(1, index) for k, t in parts.items()})
     pruned |= {k: state[k].clone() for k in SHARED_TENSORS}
     heritage = [
-        {**e, "ranges": [_shrink(r, index) for r in e["ranges"]]}
-        for e in heritage_of(config, "parent")
+        {**e, "ranges": [_shrink(r, index) for r in e["ranges"]]} for e in heritage_of(config, name)
     ]
     return _with_width(config, n_keep, heritage), pruned
 
@@ -448,7 +446,7 @@ def prune_checkpoint(
         scores = firing_rate_scores(ckpt.model, tokens, block)
     else:
         scores = decoder_norm_scores(ckpt.config, state)
-    config, pruned = prune_state(ckpt.config, state, scores, keep)
+    config, pruned = prune_state(ckpt.config, state, scores, keep, name=str(path))
     meta = {"prune": {"parent": str(path), "keep": keep, "by": by, "data": data,
                       "neurons_per_head": config.N}}  # fmt: skip
     return save_checkpoint(out, _build(config, pruned), "bdh", ckpt.tokenizer, meta)
