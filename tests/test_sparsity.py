@@ -3,10 +3,19 @@ every activation, and the corpus pass and `bdh inspect sparsity` on a tiny model
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 
-from bdh.interpret.sparsity import SparsityStats
+from bdh import BDH, BDHConfig
+from bdh.checkpoint import load_checkpoint, save_checkpoint
+from bdh.cli import main
+from bdh.interpret.sparsity import SparsityStats, measure_sparsity, untrained_twin
+from bdh.tokenizer import ByteTokenizer
+from conftest import synthetic_text
 
 L, nh, N = 2, 3, 8
 
@@ -60,3 +69,95 @@ def test_counters_do_not_depend_on_how_tokens_are_batched():
             for b in range(xs.shape[1]):
                 other.update(layer, xs[layer, b : b + 1], ys[layer, b : b + 1])
     assert one.to_dict() == other.to_dict()
+
+
+# ---------------------------------------------------------------- on a model and a checkpoint
+
+
+def literal_activations(model, idx):
+    """x and y of every layer, written like `bdh.reference` (full masked product, rotary phases
+    from their definition), independently of `bdh.model` and its capture."""
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    enc, enc_v, dec, freqs = sd["encoder"], sd["encoder_v"], sd["decoder"], sd["attn.freqs"]
+    B, T = idx.shape
+    ln = lambda z: torch.nn.functional.layer_norm(z, (z.shape[-1],), eps=1e-5)  # noqa: E731
+    phases = (torch.arange(T, dtype=freqs.dtype).view(1, 1, -1, 1) * freqs % 1) * 2 * np.pi
+    v = ln(sd["embed.weight"][idx].unsqueeze(1))
+    out = []
+    for _ in range(model.config.n_layer):
+        x = torch.relu(v @ enc)
+        swapped = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).view(x.shape)
+        q = x * torch.cos(phases) + swapped * torch.sin(phases)
+        y = x * torch.relu(ln((q @ q.mT).tril(-1) @ v) @ enc_v)
+        out.append((x, y))
+        v = ln(v + ln(y.transpose(1, 2).reshape(B, 1, T, -1) @ dec))
+    return out
+
+
+def test_measured_over_windows_equals_counting_a_literal_forward_pass():
+    torch.manual_seed(0)
+    model = BDH(BDHConfig.from_name("tiny")).double()
+    tokens = np.random.default_rng(0).integers(0, 256, 16 * 5 + 7)
+    stats = measure_sparsity(model, tokens, block_size=16, batch_size=2)
+    want = SparsityStats(model.config.n_layer, model.config.n_head, model.config.N)
+    windows = [torch.as_tensor(tokens[s : s + 16])[None] for s in range(0, len(tokens), 16)]
+    for idx in windows:  # one window at a time, the 7-token tail included
+        for layer, (x, y) in enumerate(literal_activations(model, idx)):
+            want.update(layer, x, y)
+    assert stats.to_dict(neurons=True) == want.to_dict(neurons=True)
+    assert int(stats.tokens[0]) == len(tokens)
+    assert 0 < stats.to_dict()["layers"][1]["y"]["density"] < 1
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A tiny checkpoint, not at its initial weights, that names its data, block and seed."""
+    root = tmp_path_factory.mktemp("sparsity")
+    data = root / "corpus.txt"
+    data.write_text(synthetic_text(3_000))
+    torch.manual_seed(5)
+    model = BDH(BDHConfig.from_name("tiny"))
+    torch.manual_seed(6)
+    model.reset_parameters()  # not the weights seed 5 draws: "trained" ≠ untrained
+    meta = {"train": {"data": str(data), "block_size": 32, "seed": 5}}
+    return save_checkpoint(root / "ckpt", model, "bdh", ByteTokenizer(), meta=meta)
+
+
+def test_inspect_sparsity_prints_a_table_json_and_a_plot(ckpt, tmp_path, capsys):
+    assert main(["inspect", "sparsity", "--ckpt", str(ckpt), "--max-tokens", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "| trained | 1 |" in out and "200 tokens" in out
+    png = tmp_path / "s.png"
+    argv = ["inspect", "sparsity", "--ckpt", str(ckpt), "--json", "--plot", str(png)]
+    assert main([*argv, "--max-tokens", "100"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert png.stat().st_size > 0
+    assert trained["measured"]["block_size"] == 32 and trained["layers"][0]["tokens"] == 100
+    assert main([*argv, "--max-tokens", "100", "--untrained"]) == 0
+    untrained = json.loads(capsys.readouterr().out)
+    assert untrained["measured"]["model"] == "untrained"
+    assert untrained["layers"][0]["x"] != trained["layers"][0]["x"]
+
+
+def test_the_untrained_twin_has_the_weights_the_seed_draws(ckpt):
+    torch.manual_seed(5)
+    fresh = BDH(BDHConfig.from_name("tiny"))
+    twin = untrained_twin(load_checkpoint(ckpt))
+    for (name, a), b in zip(fresh.state_dict().items(), twin.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--ckpt", "nowhere"], "checkpoint not found"),
+        (["--max-tokens", "0"], "max_tokens must be ≥ 1"),
+        (["--data", "missing.txt"], "data source not found"),
+        (["--block-size", "0"], "block_size"),
+    ],
+)
+def test_inspect_mistakes_are_one_line(ckpt, capsys, argv, expected):
+    argv = ["inspect", "sparsity", *(["--ckpt", str(ckpt)] if "--ckpt" not in argv else []), *argv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err

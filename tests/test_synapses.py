@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from bdh.interpret.synapses import synapse_matrices, synapse_trajectories
+from bdh import BDH, BDHConfig
+from bdh.interpret.synapses import synapse_matrices, synapse_trajectories, synapses
 from bdh.ops import frequencies
 
 
@@ -75,3 +76,83 @@ def test_bad_arguments_are_named():
         synapse_matrices(y, x, [1, 2], max_elements=2 * 12 * 6)
     with pytest.raises(ValueError, match="same tokens"):
         synapse_matrices(y, x[:, :3], [1])
+
+
+# ---------------------------------------------------------------- on the model
+
+
+def _graph_model(rope: bool, seed: int = 0) -> BDH:
+    """BDH-Normfree with the neuron residual (Eq. 7-8), float64, weights large enough that the
+    activations neither vanish nor explode over two layers."""
+    config = BDHConfig.from_name("tiny", n_layer=3, residual="neuron", rope=rope, layernorm=False)
+    torch.manual_seed(seed)
+    model = BDH(config).to(torch.float64).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.15)
+    return model
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_E_sigma_is_the_models_attention_state():
+    """ρ = E σ (SPEC §5.1): without rotation, S_l (N × D per head) = σᵀ E, to float64 rounding."""
+    model = _graph_model(rope=False)
+    idx = torch.randint(0, 256, (2, 23), generator=torch.Generator().manual_seed(1))
+    state = model.init_state(batch_size=2)
+    with torch.no_grad():
+        model(idx, state=state)
+    for layer in (1, 2):
+        for head in range(model.config.n_head):
+            sigma = synapses(model, idx, layer, head)[:, 0]  # (B, n, N) after the last token
+            S = state.layers[layer][:, head]  # (B, N, D)
+            assert S.abs().max() > 1e-3  # not a comparison of zeros
+            assert _relative(sigma.mT @ model.decoder.detach(), S) < 1e-10
+
+
+def test_rotary_sigma_is_what_the_next_token_reads():
+    """With U: the model's attention read at t+1 is Σ_ij x_{t+1}(j) σ_t(i, j) E(i, :)."""
+    model = _graph_model(rope=True)
+    idx = torch.randint(0, 256, (2, 23), generator=torch.Generator().manual_seed(2))
+    layer, head, T = 2, 1, idx.shape[1]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(idx, names=[f"layers.{layer}.a", f"layers.{layer}.x"])
+    sigma = synapses(model, idx, layer, head, times=range(T - 1))  # (B, T−1, n, N)
+    x = cache["x", layer][:, head, 1:]  # (B, T−1, N): the reader of σ_t is token t+1
+    E = model.decoder.detach()
+    read = torch.einsum("btj,btij,id->btd", x, sigma, E)
+    a = cache["a", layer][:, head, 1:]
+    assert a.abs().max() > 1e-3
+    assert _relative(read, a) < 1e-10
+    plain = synapses(model, idx, layer, head, times=range(T - 1), rope=False)
+    assert _relative(torch.einsum("btj,btij,id->btd", x, plain, E), a) > 1e-3
+
+
+def test_pairs_follow_the_full_matrices_of_a_trained_style_model():
+    """The reference model (LayerNorm, d-space residual, rotary): trajectories of chosen pairs
+    are the entries of the full matrices at every time."""
+    torch.manual_seed(0)
+    model = BDH(BDHConfig.from_name("tiny", n_layer=3))
+    idx = torch.randint(0, 256, (1, 17))
+    n, N = model.config.n, model.config.N
+    pairs = [(0, 0), (n - 1, N - 1), (5, 3), (N + 2, 4)]
+    traj = synapses(model, idx, 2, 1, pairs)  # (1, T, P)
+    full = synapses(model, idx, 2, 1, times=range(17))  # (1, T, n, N)
+    want = torch.stack([full[0, :, i, j] for i, j in pairs], dim=-1)
+    torch.testing.assert_close(traj[0], want, rtol=0, atol=1e-12)
+    assert traj.abs().max() > 0
+
+
+def test_model_level_mistakes_are_named():
+    model = BDH(BDHConfig.from_name("tiny"))
+    idx = torch.randint(0, 256, (1, 5))
+    with pytest.raises(ValueError, match="layer 0 has no synapse state"):
+        synapses(model, idx, 0, 0)
+    with pytest.raises(ValueError, match="head 7"):
+        synapses(model, idx, 1, 7)
+    with pytest.raises(ValueError, match="either pairs"):
+        synapses(model, idx, 1, 0, [(0, 0)], times=[1])
+    with pytest.raises(ValueError, match="over the limit"):
+        synapses(model, idx, 1, 0, times=[0, 1, 2], max_elements=1000)

@@ -207,6 +207,13 @@ def spearman_by_windows(
     }
 
 
+def _paired_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p over paired samples; 1.0 when they do not differ at all."""
+    if np.array_equal(a, b):
+        return 1.0
+    return float(stats.wilcoxon(a, b).pvalue)
+
+
 def _partial(r_xy: float, r_xz: float, r_yz: float) -> float:
     return float((r_xy - r_xz * r_yz) / math.sqrt(max(1e-300, (1 - r_xz**2) * (1 - r_yz**2))))
 
@@ -342,7 +349,7 @@ def _fig14(prof: dict[str, np.ndarray]) -> dict[str, Any]:
                 "repetition": float(rep.mean()),
                 "ratio": float(mem.mean() / max(rep.mean(), 1e-12)),
                 "words_higher_when_memorising": int((mem > rep).sum()),
-                "wilcoxon_p": float(stats.wilcoxon(mem, rep).pvalue),
+                "wilcoxon_p": _paired_p(mem, rep),
                 "groups": [
                     {
                         "memorisation": float(groups[l, g][:, first].mean()),
@@ -361,10 +368,10 @@ def _fig14(prof: dict[str, np.ndarray]) -> dict[str, Any]:
         "words": int(y.shape[1]),
         "layers": layers,
         "loss_per_presentation": [float(v.mean()) for v in loss],
-        "loss_first_vs_last_wilcoxon_p": float(stats.wilcoxon(loss[0], loss[-1]).pvalue),
+        "loss_first_vs_last_wilcoxon_p": _paired_p(loss[0], loss[-1]),
         "y_over_time": y.mean(1).tolist(),  # (L, 77) mean over words
         "y_groups_over_time": groups.mean(2).tolist(),  # (L, G, 77)
-        "loss_over_time": np.nanmean(s, 0).tolist(),
+        "loss_over_time": [None, *s[:, 1:].mean(0).tolist()],  # nothing predicts position 0
     }
 
 

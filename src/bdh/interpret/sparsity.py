@@ -143,7 +143,7 @@ def _windows(
 
     if block_size < 1 or batch_size < 1:
         raise ValueError(f"block_size and batch_size must be ≥ 1, got {block_size}, {batch_size}")
-    ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+    ids = torch.from_numpy(np.array(tokens, dtype=np.int64))  # a copy: caches are read-only
     if ids.numel() == 0:
         raise ValueError("no tokens to measure")
     full = ids.numel() // block_size
@@ -274,7 +274,8 @@ def sparsity_of_checkpoint(
     if ckpt.kind != "bdh":
         raise ValueError(f"{ckpt.path} holds a {ckpt.kind} model; sparsity is measured on BDH")
     tokens, what = checkpoint_tokens(ckpt, data, split, max_tokens)
-    block = block_size or int(ckpt.meta.get("train", {}).get("block_size", 256))
+    trained_block = int(ckpt.meta.get("train", {}).get("block_size", 256))
+    block = trained_block if block_size is None else block_size
     model = untrained_twin(ckpt) if untrained else ckpt.model
     stats = measure_sparsity(model, tokens, block, batch_size, progress)
     what |= {
