@@ -161,3 +161,21 @@ def test_inspect_mistakes_are_one_line(ckpt, capsys, argv, expected):
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
+
+
+def test_the_benchmark_script_writes_both_models(ckpt, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, str(REPO / "benchmarks" / "sparsity.py"), "--checkpoint", str(ckpt)]
+    argv += ["--max-tokens", "64", "--out", str(tmp_path)]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "machine:" in done.stdout
+    result = json.loads((tmp_path / "sparsity.json").read_text())
+    assert set(result["results"]) == {"trained", "untrained"}
+    assert len(result["results"]["trained"]["layers"][0]["x"]["firing_rate"]) == 256

@@ -59,6 +59,16 @@ def test_partial_spearman_is_the_correlation_of_rank_residuals():
     assert got["ci95"][0] < got["rho"] < got["ci95"][1]
 
 
+def test_weighted_spearman_equals_scipy_on_the_repeated_sample():
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 7, 300) / 7  # densities: many ties
+    b = np.round(rng.exponential(size=300), 1) + 0.2 * a
+    weight = rng.integers(0, 4, 300)  # how often a resample repeats each item
+    inv = [np.unique(v, return_inverse=True)[1] for v in (a, b)]
+    want = stats.spearmanr(np.repeat(a, weight), np.repeat(b, weight)).statistic
+    assert exp.weighted_spearman(*inv, weight) == pytest.approx(want, abs=1e-12)
+
+
 def test_memorisation_and_repetition_are_the_first_and_later_presentations():
     W, L, T = 6, 2, exp.WARMUP + exp.WORD * exp.REPEATS
     y = np.full((L, W, T), 0.02)

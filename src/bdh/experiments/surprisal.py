@@ -183,28 +183,48 @@ def spearman_by_windows(
     density: np.ndarray, surprisal: np.ndarray, resamples: int, rng: np.random.Generator
 ) -> dict[str, float]:
     """Spearman ρ of (W, T) arrays pooled over tokens, a 95% bootstrap interval resampling whole
-    windows, and the partial ρ given the position in the window."""
+    windows, and the partial ρ given the position in the window.
+
+    A resample repeats whole windows, so it is the original tokens with integer weights; its ρ
+    is computed exactly from those weights (`weighted_spearman`), without re-sorting.
+    """
     keep = ~np.isnan(surprisal)
     pos = np.broadcast_to(np.arange(density.shape[1]), density.shape)
     d, s, p = density[keep], surprisal[keep], pos[keep]
     rho = float(stats.spearmanr(d, s).statistic)
-    boot = []
+    window = np.broadcast_to(np.arange(density.shape[0])[:, None], density.shape)[keep]
+    inv_d, inv_s = (np.unique(v, return_inverse=True)[1] for v in (d, s))
     W = density.shape[0]
-    for _ in range(resamples):
-        pick = rng.integers(0, W, W)
-        k = keep[pick]
-        boot.append(stats.spearmanr(density[pick][k], surprisal[pick][k]).statistic)
+    boot = [
+        weighted_spearman(inv_d, inv_s, np.bincount(rng.integers(0, W, W), minlength=W)[window])
+        for _ in range(resamples)
+    ]
     lo, hi = np.nanpercentile(boot, [2.5, 97.5])
+    partial = _partial(rho, stats.spearmanr(d, p).statistic, stats.spearmanr(s, p).statistic)
     return {
         "rho": rho,
         "ci95": [float(lo), float(hi)],
-        "partial_rho_given_position": _partial(
-            stats.spearmanr(d, s).statistic,
-            stats.spearmanr(d, p).statistic,
-            stats.spearmanr(s, p).statistic,
-        ),
+        "partial_rho_given_position": partial,
         "tokens": int(keep.sum()),
     }
+
+
+def weighted_spearman(inv_a: np.ndarray, inv_b: np.ndarray, weight: np.ndarray) -> float:
+    """Spearman ρ of a sample in which item k appears weight[k] times; inv_a, inv_b give each
+    item's position among the sorted distinct values of a and b (np.unique's inverse)."""
+    ra, rb = _midranks(inv_a, weight), _midranks(inv_b, weight)
+    total = weight.sum()
+    ma, mb = (weight * ra).sum() / total, (weight * rb).sum() / total
+    cov = (weight * (ra - ma) * (rb - mb)).sum()
+    var = (weight * (ra - ma) ** 2).sum() * (weight * (rb - mb) ** 2).sum()
+    return float(cov / np.sqrt(var)) if var > 0 else float("nan")
+
+
+def _midranks(inv: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """The average rank (1-based, ties averaged, as scipy's rankdata) of every item."""
+    count = np.bincount(inv, weights=weight)
+    below = np.cumsum(count) - count
+    return (below + (count + 1) / 2)[inv]
 
 
 def _paired_p(a: np.ndarray, b: np.ndarray) -> float:
