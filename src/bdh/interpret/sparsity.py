@@ -160,20 +160,23 @@ def _windows(
 
 
 def table_markdown(results: dict[str, dict[str, Any]]) -> str:
-    """One row per (model, layer): x and y density, dead and always-on counts, active per token."""
+    """One row per (model, layer): x and y density (overall and per head), dead and always-on
+    neurons, and the median number of active neurons per token."""
     lines = [
-        "| model | layer | x density | y density | dead x | dead y | always-on x |"
-        " active x per token (median) | active y per token (median) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | layer | x density | y density | x by head | y by head | dead x | dead y"
+        " | always-on x | active x / token | active y / token |",
+        "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for name, summary in results.items():
         n = summary["n"]
         for row in summary["layers"]:
             x, y = row["x"], row["y"]
+            heads = {k: " / ".join(f"{v:.1%}" for v in row[k]["density_per_head"]) for k in KINDS}
             lines.append(
                 f"| {name} | {row['layer']} | {x['density']:.2%} | {y['density']:.2%}"
-                f" | {x['dead']} / {n} | {y['dead']} / {n} | {x['always_on']}"
-                f" | {x['active_per_token']['median']} | {y['active_per_token']['median']} |"
+                f" | {heads['x']} | {heads['y']} | {x['dead']} / {n} | {y['dead']} / {n}"
+                f" | {x['always_on']} | {x['active_per_token']['median']}"
+                f" | {y['active_per_token']['median']} |"
             )
     return "\n".join(lines) + "\n"
 
