@@ -239,9 +239,9 @@ def test_chunked_prefill_reads_long_prompts_in_bounded_pieces(monkeypatch):
     idx = ids(1, 100)
     full = model(idx)[0].detach()
     seen: list[int] = []
-    run = model._run
-    monkeypatch.setattr(model, "_run", lambda x, s: seen.append(x.shape[1]) or run(x, s))
     dec = model.decoding_engine(DecodeOptions(kv="off", prefill_chunk=16))
+    run = dec._tokens
+    monkeypatch.setattr(dec, "_tokens", lambda x, s: seen.append(x.shape[1]) or run(x, s))
     state = dec.init_state(1)
     last = dec.prefill(idx, state)
     close(last, full[:, -1])

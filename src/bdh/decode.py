@@ -11,12 +11,15 @@ V vocabulary, L layers, T* the key-value/state crossover (`bdh.ops.kv.crossover`
   chosen by the density measured at that step;
 - below T* tokens of context, a key-value cache instead of S (`bdh.ops.kv`), folded into S when the
   context reaches T*;
-- several tokens (prefill): the model's own trunk in pieces of `prefill_chunk` tokens, so a prompt
-  of any length is read in bounded memory;
+- several tokens (prefill): the model's exact attention forms in pieces of `prefill_chunk` tokens,
+  so a prompt of any length is read in bounded memory;
 - streams at different positions (prompts of different lengths): per-stream rotary phases.
 
-Decoding is inference: with autograd on (truncated BPTT) `step` falls back to the model's
-differentiable trunk. Weights may be kept in bfloat16 for decoding; the state stays float32.
+The layer itself is `bdh.trunk`'s, shared with training: this engine supplies only its products
+(`_OneToken`, `_Tokens`), so the named activation points of `bdh.interpret` fire here as in
+`model(idx)`. Decoding is inference: with autograd on (truncated BPTT) `model.step` runs the
+model's differentiable pass instead. Weights may be kept in bfloat16 for decoding; the state
+stays float32.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bdh import trunk
 from bdh.ops import cpu_kernels
 from bdh.ops.common import state_dtype
 from bdh.ops.kv import KVCache, crossover, kv_chunk, kv_token
@@ -197,7 +201,7 @@ class Decoder:
 
         Inference only: no autograd (use `model.step` to train through the state).
         """
-        _check_ids(idx, state, self.config.vocab_size)
+        check_ids(idx, state, self.config.vocab_size)
         with torch.no_grad(), _threads(self._step_threads(idx)):
             return self._step(idx, state)
 
@@ -212,7 +216,7 @@ class Decoder:
 
     def prefill(self, idx: Tensor, state: BDHState) -> Tensor:
         """Read a prompt of any length in bounded memory; returns the last logits (B, V)."""
-        _check_ids(idx, state, self.config.vocab_size)
+        check_ids(idx, state, self.config.vocab_size)
         last = None
         for start in range(0, idx.shape[1], self.options.prefill_chunk):
             last = self.step(idx[:, start : start + self.options.prefill_chunk], state)[:, -1]
@@ -225,20 +229,18 @@ class Decoder:
         if state.kv is not None and state.kv.length + t > state.kv.capacity:
             state.materialise()  # the context reached T*: S is now smaller and cheaper
         if state.kv is not None:
-            return self._token(idx, state) if t == 1 else self._kv_tokens(idx, state)
+            return self._token(idx, state) if t == 1 else self._tokens(idx, state)
         if t == 1:
             return self._token(idx, state)
         return self._prefill_state(idx, state)
 
     # ------------------------------------------------------------------ several tokens into S
     def _prefill_state(self, idx: Tensor, state: BDHState) -> Tensor:
-        """The model's trunk in pieces of at most prefill_chunk tokens (bounded memory)."""
+        """The trunk in pieces of at most prefill_chunk tokens (bounded memory)."""
         if state.ragged:
             return torch.cat([self._prefill_row(idx, state, b) for b in range(idx.shape[0])])
         size = self.options.prefill_chunk
-        pieces = [
-            self.model._run(idx[:, s : s + size], state) for s in range(0, idx.shape[1], size)
-        ]
+        pieces = [self._tokens(idx[:, s : s + size], state) for s in range(0, idx.shape[1], size)]
         return torch.cat(pieces, dim=1)
 
     def _prefill_row(self, idx: Tensor, state: BDHState, b: int) -> Tensor:
@@ -255,30 +257,9 @@ class Decoder:
     # ------------------------------------------------------------------ one token
     def _token(self, idx: Tensor, state: BDHState) -> Tensor:
         """One token per stream through all layers; idx (B, 1) → logits (B, 1, V)."""
-        c, w = self.config, self._weights()
-        phases = self._phases(state)
-        v = self._ln(w.embed[idx[:, 0]].to(self.act_dtype))  # (B, D)
-        x, self.last_stats = None, []
-        for layer in range(c.n_layer):
-            x = self._neurons(w, v, x)  # (B, nh, N)
-            k = x if phases is None else rotate(x, *phases)  # rope_t(x_t), (B, nh, N)
-            stats = {"x": density(x), "k": density(k)}
-            a = self._ln(self._attend(layer, k, v, state, stats))  # (B, nh, D)
-            u = self._ln(self._y_path(w, x, a, stats))  # (B, D)
-            v = u if c.residual == "neuron" else self._ln(v + u)
-            self.last_stats.append(stats)
+        logits = trunk.run(_OneToken(self, state), self.config, idx, self.model._hooks)
         _advance(state, 1)
-        return _mm(v, w.lm_head).unsqueeze(1)  # (B, 1, V)
-
-    def _neurons(self, w: DecodeWeights, v: Tensor, x_prev: Tensor | None) -> Tensor:
-        """x = relu(v D_x) (B, nh, N); with the neuron-space residual it accumulates (Eq. 8)."""
-        if self._cpp(v):  # one streaming pass; torch bf16 gemv is slow
-            x = cpu_kernels.encode(v, w.encoder)  # (B, nh, N)
-        else:
-            x = F.relu(_mm(v, w.encoder).transpose(0, 1))  # (nh, B, N) → (B, nh, N)
-        if self.config.residual == "neuron" and x_prev is not None:
-            x = x_prev + x
-        return x
+        return logits
 
     def _phases(self, state: BDHState) -> tuple[Tensor, Tensor] | None:
         """cos, sin at each stream's position, (B or 1, 1, N): every stream may be elsewhere."""
@@ -349,24 +330,12 @@ class Decoder:
             stats["y_path"] = "dense"
         return u.to(self.act_dtype)
 
-    # ------------------------------------------------------------------ several tokens, KV cache
-    def _kv_tokens(self, idx: Tensor, state: BDHState) -> Tensor:
-        """t tokens read into the key-value cache (the masked form inside): → (B, t, V)."""
-        c, w, kv = self.config, self._weights(), state.kv
-        assert kv is not None
-        B, t = idx.shape
-        freqs = self.model.attn.freqs if c.rope else None
-        v = self._ln(w.embed[idx].to(self.act_dtype)).unsqueeze(1)  # (B, 1, t, D)
-        x = None
-        for layer in range(c.n_layer):
-            x_new = F.relu(_mm(v, w.encoder))  # (B, nh, t, N)
-            x = x_prev_plus(x, x_new) if c.residual == "neuron" else x_new
-            a = kv_chunk(x, v, freqs, kv.keys[layer], kv.values[layer], kv.length, state.damping)
-            y = x * F.relu(_mm(self._ln(a), w.encoder_v))  # (B, nh, t, N)
-            u = self._ln(_mm(y.transpose(1, 2).reshape(B, 1, t, c.n), w.decoder))  # (B, 1, t, D)
-            v = u if c.residual == "neuron" else self._ln(v + u)
-        _advance(state, t)
-        return _mm(v.view(B, t, -1), w.lm_head)
+    # ------------------------------------------------------------------ several tokens
+    def _tokens(self, idx: Tensor, state: BDHState) -> Tensor:
+        """t tokens read into the state or the key-value cache: → (B, t, V)."""
+        logits = trunk.run(_Tokens(self, state), self.config, idx, self.model._hooks)
+        _advance(state, idx.shape[1])
+        return logits
 
     # ------------------------------------------------------------------ helpers
     def _cpp(self, t: Tensor) -> bool:
@@ -376,9 +345,84 @@ class Decoder:
     def _weights(self) -> DecodeWeights:
         return decode_weights(self.model, WEIGHT_DTYPES[self.options.weights])
 
-    def _ln(self, x: Tensor) -> Tensor:
-        """LayerNorm over D without scale or bias; the identity in BDH-Normfree."""
-        return F.layer_norm(x, (x.shape[-1],), eps=1e-5) if self.config.layernorm else x
+
+class _OneToken:
+    """The products of a one-token step (`bdh.trunk`): (B, D) and (B, nh, N) tensors, the
+    state or cache read and written in place, sparse rows and fused kernels where they pay."""
+
+    single = True
+
+    def __init__(self, decoder: Decoder, state: BDHState) -> None:
+        self.decoder, self.state, self.w = decoder, state, decoder._weights()
+        self.phases = decoder._phases(state)
+        self.stats: list[dict[str, Any]] = []
+        decoder.last_stats = self.stats  # one dict per layer: densities and paths taken
+
+    def embed(self, idx: Tensor) -> Tensor:
+        return self.w.embed[idx[:, 0]].to(self.decoder.act_dtype)  # (B, D)
+
+    def neurons(self, v: Tensor) -> Tensor:
+        if self.decoder._cpp(v):  # one streaming pass; torch bf16 gemv is slow
+            return cpu_kernels.encode(v, self.w.encoder)  # (B, nh, N)
+        return F.relu(_mm(v, self.w.encoder).transpose(0, 1))  # (nh, B, N) → (B, nh, N)
+
+    def attend(self, layer: int, x: Tensor, v: Tensor) -> Tensor:
+        k = x if self.phases is None else rotate(x, *self.phases)  # rope_t(x_t), (B, nh, N)
+        stats = {"x": density(x), "k": density(k)}
+        self.stats.append(stats)
+        return self.decoder._attend(layer, k, v, self.state, stats)  # (B, nh, D)
+
+    def scores_y(self, a: Tensor) -> Tensor:
+        return _mm(a.transpose(0, 1), self.w.encoder_v).transpose(0, 1)  # (B, nh, N)
+
+    def decode(self, y: Tensor) -> Tensor:
+        y = y.reshape(y.shape[0], -1)  # (B, n), head-major like E's rows
+        self.stats[-1] |= {"y": density(y.any(0)), "y_path": "dense"}
+        return _mm(y, self.w.decoder)  # (B, D)
+
+    def y_path(self, x: Tensor, a: Tensor) -> Tensor:
+        return self.decoder._y_path(self.w, x, a, self.stats[-1])
+
+    def head(self, v: Tensor) -> Tensor:
+        return _mm(v, self.w.lm_head).unsqueeze(1)  # (B, 1, V)
+
+
+class _Tokens:
+    """The products of reading t tokens (`bdh.trunk`): (B, 1, t, D) and (B, nh, t, N) tensors;
+    the attention against the key-value cache or, from the state, in the model's exact forms."""
+
+    single = False
+
+    def __init__(self, decoder: Decoder, state: BDHState) -> None:
+        self.decoder, self.state, self.w = decoder, state, decoder._weights()
+        self.attn = decoder.model.attn
+
+    def embed(self, idx: Tensor) -> Tensor:
+        return self.w.embed[idx].to(self.decoder.act_dtype).unsqueeze(1)  # (B, 1, t, D)
+
+    def neurons(self, v: Tensor) -> Tensor:
+        return F.relu(_mm(v, self.w.encoder))  # (B, nh, t, N)
+
+    def attend(self, layer: int, x: Tensor, v: Tensor) -> Tensor:
+        state, kv = self.state, self.state.kv
+        if kv is not None:
+            freqs = self.attn.freqs if self.decoder.config.rope else None
+            return kv_chunk(x, v, freqs, kv.keys[layer], kv.values[layer], kv.length, state.damping)
+        a, state.layers[layer] = self.attn(x, v, state.layers[layer], state.pos, need_state=True)
+        return a
+
+    def scores_y(self, a: Tensor) -> Tensor:
+        return _mm(a, self.w.encoder_v)  # (B, nh, t, N)
+
+    def decode(self, y: Tensor) -> Tensor:
+        B, _, t, _ = y.shape
+        return _mm(y.transpose(1, 2).reshape(B, 1, t, -1), self.w.decoder)  # (B, 1, t, D)
+
+    def y_path(self, x: Tensor, a: Tensor) -> Tensor:
+        return self.decode(trunk.gate(x, self.scores_y(a)))
+
+    def head(self, v: Tensor) -> Tensor:
+        return _mm(v[:, 0], self.w.lm_head)  # (B, t, V)
 
 
 @contextmanager
@@ -393,10 +437,6 @@ def _threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def x_prev_plus(x_prev: Tensor | None, x: Tensor) -> Tensor:
-    return x if x_prev is None else x_prev + x
 
 
 def _mm(a: Tensor, w: Tensor) -> Tensor:
@@ -419,24 +459,14 @@ def _contiguous_state(state: BDHState, layer: int) -> Tensor:
     return S
 
 
-def model_step(model: nn.Module, idx: Tensor, state: BDHState) -> Tensor:
-    """`BDH.step`: the engine for inference, the model's differentiable trunk for training."""
-    if not _needs_autograd(model):
-        return Decoder(model).step(idx, state)
-    if state.kv is not None or state.ragged:
-        raise ValueError("a key-value or ragged state is for decoding only: use torch.no_grad()")
-    _check_ids(idx, state, model.config.vocab_size)
-    return model._run(idx, state)
-
-
-def _needs_autograd(model: nn.Module) -> bool:
+def needs_autograd(model: nn.Module) -> bool:
     """Training through the state (truncated BPTT) and dropout need the differentiable trunk."""
     if model.training and model.config.dropout > 0:
         return True
     return torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
 
 
-def _check_ids(idx: Tensor, state: BDHState, vocab_size: int) -> None:
+def check_ids(idx: Tensor, state: BDHState, vocab_size: int) -> None:
     """One-line errors for the mistakes a caller can make with the ids or the state."""
     if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
         raise ValueError(

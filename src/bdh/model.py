@@ -16,6 +16,7 @@ checkpoints load (`encoder` = D_x, `encoder_v` = D_y, `decoder` = E, transposed 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -23,8 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+import bdh.interpret as _interpret
 from bdh import decode as _decode
 from bdh import generate as _generate
+from bdh import trunk as _trunk
 from bdh.config import BDHConfig
 from bdh.ops import FORMS, chunked, frequencies, parallel
 from bdh.ops.common import cheapest_form, keep_mask, state_dtype
@@ -101,6 +104,9 @@ class BDH(nn.Module):
         # Recompute each layer's activations in the backward pass instead of keeping them:
         # same results, roughly one extra forward of compute for a fraction of the memory.
         self.recompute = False
+        # Hooks on the named activation points (`bdh.interpret`): name → functions. Empty, the
+        # trunk skips every point with one truth test.
+        self._hooks: _trunk.Hooks = {}
         self.reset_parameters()
         # Reference checkpoints come from torch.compile'd models with keys prefixed `_orig_mod.`.
         self.register_load_state_dict_pre_hook(_strip_compile_prefix)
@@ -133,37 +139,25 @@ class BDH(nn.Module):
 
     def _ln(self, x: Tensor) -> Tensor:
         """LayerNorm over D without scale or bias; the identity in BDH-Normfree (Eq. 7)."""
-        return F.layer_norm(x, (x.shape[-1],), eps=1e-5) if self.config.layernorm else x
+        return _trunk.ln(x, self.config.layernorm)
 
     def _run(self, idx: Tensor, state: BDHState | None) -> Tensor:
-        """The trunk of SPEC §2; with a state, continue at state.pos and advance it."""
+        """SPEC §2 through `bdh.trunk`; with a state, continue at state.pos and advance it."""
         self._check_ids(idx)
-        B, T = idx.shape
+        T = idx.shape[1]
         offset = 0 if state is None else state.pos
-        v = self._ln(self.embed(idx)).unsqueeze(1)  # (B, 1, T, D)
-        rotary = self._rotary(offset, T)  # built once, shared by every layer
-        x = None
-        for layer in range(self.config.n_layer):
-            S = None if state is None else state.layers[layer]
-            if self.recompute and torch.is_grad_enabled():
-                # Keep only each layer's inputs; its (B, nh, T, N) activations are rebuilt in
-                # the backward pass (one more forward per layer, a fraction of the memory).
-                x, v, S = checkpoint(self._layer, v, x, S, offset, rotary, use_reentrant=False)
-            else:
-                x, v, S = self._layer(v, x, S, offset, rotary)
-            if state is not None:
-                state.layers[layer] = S
+        engine = _Forward(self, state, offset, T)
+        hooks = self._hooks
+        # Recompute each layer's activations in the backward pass, keeping only its inputs.
+        # Not with hooks set: the recomputation would call them a second time.
+        wrap = None
+        if self.recompute and torch.is_grad_enabled() and not hooks:
+            wrap = partial(checkpoint, use_reentrant=False)
+        logits = _trunk.run(engine, self.config, idx, hooks, wrap)
         if state is not None:
+            state.layers[:] = engine.new_states
             state.pos += T
-        return v.view(B, T, -1) @ self.lm_head
-
-    def _layer(
-        self, v: Tensor, x: Tensor | None, S: Tensor | None, offset: int, rotary: RotaryTable | None
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """One round of the shared weights: (v, x, S) of layer l−1 → those of layer l."""
-        x = self._neurons(v, x)  # (B, nh, T, N)
-        a, S = self._attend(x, v, S, offset, rotary)  # (B, nh, T, D)
-        return x, self._mix(x, self._ln(a), v), S
+        return logits
 
     def _rotary(self, offset: int, T: int) -> RotaryTable | None:
         """The rotation of positions offset .. offset+T−1, or None without rotary phases."""
@@ -188,28 +182,6 @@ class BDH(nn.Module):
                 q, v, None, S, offset, self.attn.damping, chunk_size=c.chunk_size, **kwargs
             )
         return parallel(q, v, None, S, offset, self.attn.damping, **kwargs)
-
-    def _neurons(self, v: Tensor, x_prev: Tensor | None) -> Tensor:
-        """x = relu(v D_x); with the paper's Eq. 8 residual, x accumulates in neuron space."""
-        # A broadcast product per head: flattening all heads into one (B·T, D) × (D, nh·N) product
-        # (and likewise D_y over B·T rows, E over nh·N) measured no faster on CPU (0.95-1.00×).
-        x = (v @ self.encoder).relu_()  # (B, nh, T, N); in place: the product is not needed again
-        if self.config.residual == "neuron" and x_prev is not None:
-            x = x_prev + x
-        return x
-
-    def _mix(self, x: Tensor, a: Tensor, v: Tensor) -> Tensor:
-        """y = relu(a D_y) ⊙ x, then back to D through E and into the residual stream."""
-        nh, N = x.shape[1], x.shape[3]
-        y = x * (a @ self.encoder_v).relu_()  # (B, nh, T, N)
-        y, scale = self._dropout(y)
-        # E y as Σ_h y_h E_h (E's rows are head-major): one batched product over the heads and
-        # a sum of (B, nh, T, D), instead of copying y into a (B, T, nh·N) concatenation.
-        u = (y @ self.decoder.view(nh, N, -1)).sum(1, keepdim=True)  # (B, 1, T, D)
-        u = self._ln(u if scale == 1.0 else u * scale)
-        if self.config.residual == "neuron":
-            return u  # Eq. 8: the residual lives in x, v is the fresh E y
-        return self._ln(v + u)
 
     def _dropout(self, y: Tensor) -> tuple[Tensor, float]:
         """Dropout of y as (masked y, scale): the 1/(1−p) rescale is left to the caller, which
@@ -237,6 +209,28 @@ class BDH(nn.Module):
                 f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})"
             )
 
+    # ------------------------------------------------------------------ looking inside
+    def run_with_cache(
+        self,
+        idx: Tensor,
+        names: _interpret.Names = None,
+        to: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[Tensor, _interpret.ActivationCache]:
+        """`model(idx)` → (logits, cache of the named activation points, `bdh.interpret`).
+
+        `cache["x", 2]` is `cache["layers.2.x"]`; names (a list, or a predicate on names) limit
+        what is kept; `to`/`dtype` move and cast it. The logits are exactly `model(idx)`'s.
+        """
+        return _interpret.run_with_cache(self, idx, names, to, dtype)
+
+    def run_with_hooks(self, idx: Tensor, hooks: list[tuple[str, _trunk.HookFn]]) -> Tensor:
+        """`model(idx)` → logits with hooks [(name, fn), ...] for this call only.
+
+        `fn(tensor, name)` observes, or returns a replacement (an ablation, a patch).
+        """
+        return _interpret.run_with_hooks(self, idx, hooks)
+
     # ------------------------------------------------------------------ streaming and decoding
     def init_state(self, batch_size: int = 1) -> BDHState:
         """A zero state at position 0 for `batch_size` streams, on the model's device."""
@@ -259,7 +253,14 @@ class BDH(nn.Module):
         Without autograd this runs the decoding engine (`bdh.decode`): sparse-active one-token
         steps, chunked prefill; with autograd (training through the state) the trunk above.
         """
-        return _decode.model_step(self, idx, state), state
+        if not _decode.needs_autograd(self):
+            return _decode.Decoder(self).step(idx, state), state
+        if state.kv is not None or state.ragged:
+            raise ValueError(
+                "a key-value or ragged state is for decoding only: use torch.no_grad()"
+            )
+        _decode.check_ids(idx, state, self.config.vocab_size)
+        return self._run(idx, state), state
 
     def decoding_engine(self, options: _decode.DecodeOptions | None = None) -> _decode.Decoder:
         """The decoding engine for this model (KV path, sparse steps, bf16 weights: see options)."""
@@ -296,6 +297,53 @@ class BDH(nn.Module):
             stop=stop,
             options=options,
         )
+
+
+class _Forward:
+    """The products of the training and scoring pass (`bdh.trunk`): (B, 1, T, D) and
+    (B, nh, T, N) tensors, autograd, dropout, the attention form chosen by its cost."""
+
+    single = False
+
+    def __init__(self, model: BDH, state: BDHState | None, offset: int, T: int) -> None:
+        self.model, self.offset = model, offset
+        self.rotary = model._rotary(offset, T)  # built once, shared by every layer
+        # The states each layer starts from (a recomputed layer reads them again) and ends with.
+        self.states: list[Tensor | None] = (
+            [None] * model.config.n_layer if state is None else list(state.layers)
+        )
+        self.new_states: list[Tensor | None] = list(self.states)
+
+    def embed(self, idx: Tensor) -> Tensor:
+        return self.model.embed(idx).unsqueeze(1)  # (B, 1, T, D)
+
+    def neurons(self, v: Tensor) -> Tensor:
+        # A broadcast product per head: flattening all heads into one (B·T, D) × (D, nh·N)
+        # product (and likewise D_y over B·T rows, E over nh·N) measured no faster on CPU.
+        return (v @ self.model.encoder).relu_()  # in place: the product is not needed again
+
+    def attend(self, layer: int, x: Tensor, v: Tensor) -> Tensor:
+        a, self.new_states[layer] = self.model._attend(
+            x, v, self.states[layer], self.offset, self.rotary
+        )
+        return a
+
+    def scores_y(self, a: Tensor) -> Tensor:
+        return a @ self.model.encoder_v  # (B, nh, T, N)
+
+    def decode(self, y: Tensor) -> Tensor:
+        """Dropout, then E y as Σ_h y_h E_h (E's rows are head-major): one batched product over
+        the heads and a sum of (B, nh, T, D), instead of copying y into a concatenation."""
+        nh, N = y.shape[1], y.shape[3]
+        y, scale = self.model._dropout(y)
+        u = (y @ self.model.decoder.view(nh, N, -1)).sum(1, keepdim=True)  # (B, 1, T, D)
+        return u if scale == 1.0 else u * scale
+
+    def y_path(self, x: Tensor, a: Tensor) -> Tensor:
+        return self.decode(_trunk.gate(x, self.scores_y(a)))
+
+    def head(self, v: Tensor) -> Tensor:
+        return v[:, 0] @ self.model.lm_head  # (B, T, V)
 
 
 def _strip_compile_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:

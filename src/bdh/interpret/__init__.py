@@ -1,0 +1,34 @@
+"""Looking inside BDH: named activation points, hooks on them, and caches of them.
+
+    logits, cache = model.run_with_cache(idx)         # cache["x", 0], cache["layers.0.v"], ...
+    logits = model.run_with_hooks(idx, hooks=[("layers.1.x", ablate)])
+    with bdh.interpret.hooks(model, [...]): ...        # also model.step and model.generate
+    with bdh.interpret.capture(model, ["layers.0.y"]) as cache: ...  # every call, joined along T
+
+The names and their shapes: the module `bdh.interpret.hooks` and the README. Observers change
+nothing the model computes unless a hook returns a replacement.
+"""
+
+from bdh.interpret.hooks import (
+    ActivationCache,
+    Names,
+    capture,
+    check_name,
+    hook_names,
+    hooks,
+    run_with_cache,
+    run_with_hooks,
+    select_names,
+)
+
+__all__ = [
+    "ActivationCache",
+    "Names",
+    "capture",
+    "check_name",
+    "hook_names",
+    "hooks",
+    "run_with_cache",
+    "run_with_hooks",
+    "select_names",
+]
