@@ -163,6 +163,7 @@ def test_inspect_mistakes_are_one_line(ckpt, capsys, argv, expected):
     assert len(err) == 1 and expected in err[0], err
 
 
+@pytest.mark.slow
 def test_the_benchmark_script_writes_both_models(ckpt, tmp_path):
     import os
     import subprocess
