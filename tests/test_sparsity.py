@@ -12,7 +12,7 @@ import torch
 
 from bdh import BDH, BDHConfig
 from bdh.checkpoint import load_checkpoint, save_checkpoint
-from bdh.cli import main
+from bdh.cli import build_parser, main
 from bdh.interpret.sparsity import SparsityStats, measure_sparsity, untrained_twin
 from bdh.tokenizer import ByteTokenizer
 from conftest import synthetic_text
@@ -180,3 +180,20 @@ def test_the_benchmark_script_writes_both_models(ckpt, tmp_path):
     result = json.loads((tmp_path / "sparsity.json").read_text())
     assert set(result["results"]) == {"trained", "untrained"}
     assert len(result["results"]["trained"]["layers"][0]["x"]["firing_rate"]) == 256
+
+
+@pytest.mark.parametrize("argv", [["inspect", "sparsity"], ["experiment", "surprisal"]])
+def test_every_option_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    parser = build_parser()
+    for word in argv:  # walk down the subcommands
+        parser = next(a for a in parser._actions if a.dest in ("verb", "what", "experiment"))
+        parser = parser.choices[word]
+    for action in parser._actions:
+        for flag in action.option_strings:
+            assert flag in out
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{argv} {action.option_strings} has no help"
