@@ -143,7 +143,10 @@ def _windows(
 
     if block_size < 1 or batch_size < 1:
         raise ValueError(f"block_size and batch_size must be ≥ 1, got {block_size}, {batch_size}")
-    ids = torch.from_numpy(np.array(tokens, dtype=np.int64))  # a copy: caches are read-only
+    if isinstance(tokens, Tensor):
+        ids = tokens.reshape(-1).long()
+    else:
+        ids = torch.from_numpy(np.array(tokens, dtype=np.int64))  # a copy: caches are read-only
     if ids.numel() == 0:
         raise ValueError("no tokens to measure")
     full = ids.numel() // block_size
