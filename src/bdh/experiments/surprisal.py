@@ -412,6 +412,7 @@ def run_surprisal(cfg: SurprisalConfig, log: Any = print) -> dict[str, Any]:
         f"[surprisal] {ckpt.path}: block {block}, sources "
         + ", ".join(f"{k} {len(v):,} tokens" for k, v in srcs.items())
     )
+    log(f"[surprisal] config: {asdict(cfg)}")
     log(
         f"[surprisal] machine: {platform.machine()}, {torch.get_num_threads()} threads,"
         f" torch {torch.__version__}"
