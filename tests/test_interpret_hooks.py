@@ -215,6 +215,22 @@ def test_hooks_fire_the_same_in_training(model, neuron):
     close(ablated.detach(), hand_forward(model, idx, ablate=(LAYER, HEAD, neuron)))
 
 
+def test_the_cache_keeps_y_before_dropout(model):
+    """Dropout masks y in place after the point: what was recorded must not change with it."""
+    idx = ids(2, 16)
+    _, eval_cache = model.run_with_cache(idx, names=["layers.0.y"])
+    model.train()
+    model.drop.p = 0.5
+    try:
+        _, cache = model.run_with_cache(idx, names=["layers.0.y", "layers.1.v"])
+    finally:
+        model.eval()
+        model.drop.p = 0.0
+    assert torch.equal(cache["y", 0], eval_cache["y", 0])  # layer 0's y comes before any mask
+    _, eval_v = model.run_with_cache(idx, names=["layers.1.v"])
+    assert not torch.equal(cache["v", 1], eval_v["v", 1])  # and the mask was applied after it
+
+
 # ---------------------------------------------------------------------- through model.step
 STEP_OPTIONS = {
     "state-dense": DecodeOptions(kv="off", attention="dense", y_path="dense"),
@@ -270,6 +286,15 @@ def test_model_step_and_generate_fire_inside_the_context(model):
         for t in range(T):
             model.step(out[:, t : t + 1], state)
     close(cache["a", 1], full["a", 1])
+
+
+def test_pieces_of_different_batch_shapes_are_a_clear_error(model):
+    from bdh.generate import generate_batch
+
+    with interpret.capture(model, ["layers.0.x"]) as cache:
+        generate_batch(model, [b"To be", b"Now is the"], 2, top_k=1)
+    with pytest.raises(ValueError, match="different batch shapes"):
+        cache["x", 0]
 
 
 def test_neuron_residual_points_accumulate_x():

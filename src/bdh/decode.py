@@ -415,8 +415,9 @@ class _Tokens:
         return _mm(a, self.w.encoder_v)  # (B, nh, t, N)
 
     def decode(self, y: Tensor) -> Tensor:
-        B, _, t, _ = y.shape
-        return _mm(y.transpose(1, 2).reshape(B, 1, t, -1), self.w.decoder)  # (B, 1, t, D)
+        """Σ_h y_h E_h summed in the activations' precision, as the training pass sums it."""
+        nh, N = y.shape[1], y.shape[3]
+        return _mm(y, self.w.decoder.view(nh, N, -1)).sum(1, keepdim=True)  # (B, 1, t, D)
 
     def y_path(self, x: Tensor, a: Tensor) -> Tensor:
         return self.decode(trunk.gate(x, self.scores_y(a)))

@@ -87,6 +87,12 @@ class ActivationCache(Mapping[str, Tensor]):
         if name not in self._joined:
             pieces = self._pieces[name]
             dim = 1 if name == "logits" or name.endswith(".v") else 2  # the T axis
+            shapes = {p.shape[:dim] for p in pieces}
+            if len(shapes) > 1:  # e.g. prompts of different lengths, prefilled stream by stream
+                raise ValueError(
+                    f"{name} was recorded with different batch shapes {sorted(shapes)}: "
+                    "record streams of different lengths one at a time"
+                )
             self._joined[name] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
         return self._joined[name]
 
