@@ -179,7 +179,7 @@ def test_the_benchmark_script_writes_both_models(ckpt, tmp_path):
     assert "machine:" in done.stdout
     result = json.loads((tmp_path / "sparsity.json").read_text())
     assert set(result["results"]) == {"trained", "untrained"}
-    assert len(result["results"]["trained"]["layers"][0]["x"]["firing_rate"]) == 256
+    assert len(result["results"]["trained"]["layers"][0]["x"]["fired"]) == 256
 
 
 @pytest.mark.parametrize("argv", [["inspect", "sparsity"], ["experiment", "surprisal"]])

@@ -412,7 +412,7 @@ def _inspect_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     s.add_argument("--neurons", action="store_true",
-                   help="with --json, every neuron's firing rate too")  # fmt: skip
+                   help="with --json, every neuron's count of tokens it fired on")  # fmt: skip
     s.add_argument("--plot", metavar="PNG", help="write firing-rate histograms to this file")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 

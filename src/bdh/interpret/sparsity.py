@@ -79,7 +79,8 @@ class SparsityStats:
         return torch.stack([(cdf < q).sum(-1) for q in qs], dim=-1)
 
     def to_dict(self, neurons: bool = False) -> dict[str, Any]:
-        """Per-layer summary; with `neurons`, every neuron's firing rate too (L·n numbers)."""
+        """Per-layer summary; with `neurons`, every neuron's count of tokens it fired on too
+        ("fired", n integers per layer and kind, head-major: its firing rate over "tokens")."""
         layers = []
         for layer in range(self.n_layer):
             row: dict[str, Any] = {"layer": layer, "tokens": int(self.tokens[layer])}
@@ -97,7 +98,7 @@ class SparsityStats:
                     "active_per_token": {"mean": mean, "p10": p10, "median": p50, "p90": p90},
                 }
                 if neurons:
-                    row[kind]["firing_rate"] = self.firing_rate(kind)[layer].flatten().tolist()
+                    row[kind]["fired"] = self.fired[kind][layer].flatten().tolist()
             layers.append(row)
         return {
             "n_layer": self.n_layer,
