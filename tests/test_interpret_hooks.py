@@ -273,6 +273,18 @@ def test_an_ablation_through_step_equals_it_through_forward(model, neuron, optio
     assert changes(forward, model(idx)[0].detach())  # the ablation does something
 
 
+def test_step_with_autograd_fires_the_same_points(model):
+    """Training through the state (`model.step` with autograd) takes the training pass."""
+    idx = ids(1, 12)
+    _, full = model.run_with_cache(idx)
+    state = model.init_state(1)
+    with interpret.capture(model, ["layers.1.x", "logits"]) as cache:
+        pieces = [model.step(idx[:, t : t + 4], state)[0] for t in range(0, 12, 4)]
+    assert all(p.requires_grad for p in pieces)
+    close(cache["x", 1], full["x", 1])
+    close(cache["logits"], full["logits"])
+
+
 def test_model_step_and_generate_fire_inside_the_context(model):
     prompt = ids(1, 5)
     with interpret.capture(model, ["layers.0.x", "logits"]) as cache:

@@ -11,6 +11,10 @@ checkpoints load (`encoder` = D_x, `encoder_v` = D_y, `decoder` = E, transposed 
         y  = relu(a @ D_y) * x                   # (B, nh, T, N) gated, sparser still
         v  = LN(v + LN(concat_heads(y) @ E))     # (B, 1, T, D)
     logits = v @ lm_head
+
+The loop itself is `bdh.trunk`'s, shared with the decoding engine; this module supplies the
+training pass's products (`_Forward`) and the named activation points' entry points
+(`run_with_cache`, `run_with_hooks`; `bdh.interpret`).
 """
 
 from __future__ import annotations
@@ -136,10 +140,6 @@ class BDH(nn.Module):
             return logits, None
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
-
-    def _ln(self, x: Tensor) -> Tensor:
-        """LayerNorm over D without scale or bias; the identity in BDH-Normfree (Eq. 7)."""
-        return _trunk.ln(x, self.config.layernorm)
 
     def _run(self, idx: Tensor, state: BDHState | None) -> Tensor:
         """SPEC §2 through `bdh.trunk`; with a state, continue at state.pos and advance it."""

@@ -135,8 +135,10 @@ def fire(hooks: Hooks, name: str, t: Tensor, single: bool) -> Tensor:
 
 def _to_public(kind: str, t: Tensor, single: bool) -> Tensor:
     """The engine's layout → (B, T, D) for v and logits, (B, nh, T, ·) for x, a, y."""
-    if kind in ("v", "logits"):
-        return t.unsqueeze(1) if single and kind == "v" else (t if kind == "logits" else t[:, 0])
+    if kind == "logits":
+        return t
+    if kind == "v":
+        return t.unsqueeze(1) if single else t[:, 0]
     return t.unsqueeze(2) if single else t
 
 
