@@ -437,7 +437,7 @@ def _experiment_arguments(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
 
 
-@verb("experiment", "BDH vs the GPT baseline: scaling or translation, in one command",
+@verb("experiment", "BDH vs the GPT baseline (scaling, translation) or inside BDH (surprisal)",
       _experiment_arguments)  # fmt: skip
 def _experiment(args: argparse.Namespace) -> int:
     from bdh.experiments import run
@@ -483,6 +483,63 @@ def _hf_convert():  # -> the module bdh.hf.convert
     except ImportError as e:  # the extra is not installed: one line, not a traceback
         raise ValueError(str(e)) from None
     return convert
+
+
+# ---------------------------------------------------------------------------- inspect
+
+
+def _inspect_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    s = sub.add_parser(
+        "sparsity", help="fraction of firing x and y neurons per layer and head, dead neurons"
+    )
+    s.add_argument("--ckpt", required=True, metavar="DIR", help="a BDH checkpoint or run directory")
+    s.add_argument(
+        "--data", metavar="SOURCE",
+        help="read this source instead of the training data: a file whole, a folder or named"
+        " corpus on its validation split",
+    )  # fmt: skip
+    s.add_argument("--split", choices=("train", "val", "all"),
+                   help="which part of the source (default: val, or all for a file)")  # fmt: skip
+    s.add_argument("--max-tokens", type=int, metavar="N",
+                   help="read only the first N tokens (default: all)")  # fmt: skip
+    s.add_argument(
+        "--block-size", type=int, metavar="T",
+        help="window length, each from an empty state (default: the training block)",
+    )  # fmt: skip
+    s.add_argument(
+        "--untrained", action="store_true",
+        help="measure the checkpoint's model before training: same config, weights drawn with"
+        " the run's seed",
+    )  # fmt: skip
+    s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    s.add_argument("--neurons", action="store_true",
+                   help="with --json, every neuron's count of tokens it fired on")  # fmt: skip
+    s.add_argument("--plot", metavar="PNG", help="write firing-rate histograms to this file")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@verb("inspect", "look inside a BDH checkpoint: sparsity of its neurons", _inspect_arguments)
+def _inspect(args: argparse.Namespace) -> int:
+    from bdh.interpret import sparsity
+
+    progress = _bar(args.no_progress or args.json)
+    stats, what = sparsity.sparsity_of_checkpoint(
+        args.ckpt, args.data, args.split, args.max_tokens, args.block_size, args.untrained,
+        progress=progress,
+    )  # fmt: skip
+    summary = stats.to_dict(neurons=args.neurons) | {"measured": what}
+    if args.plot:
+        sparsity.plot(stats, args.plot, f"{what['model']} {what['checkpoint']}")
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"{what['model']} model of {what['checkpoint']}: {what['tokens']:,} tokens of the"
+            f" {what['split']} split of {what['data']} in windows of {what['block_size']}"
+        )
+        print(sparsity.table_markdown({what["model"]: summary}), end="")
+    return 0
 
 
 # ---------------------------------------------------------------------------- main

@@ -3,6 +3,7 @@
     bdh experiment scaling [--quick] [...]       # loss vs parameters, time and FLOPs (Fig. 7)
     bdh experiment translation [--quick] [...]   # En-Fr BLEU/chrF at equal parameters and tokens
     bdh experiment merge [--quick] [...]         # Table 2: two fine-tunes of one base, merged
+    bdh experiment surprisal --ckpt C [--quick]  # neuron activity against surprisal (Fig. 14)
 
 `benchmarks/scaling.py` and `benchmarks/translation.py` run the same code. Each writes
 `<name>.json` (every number), `<name>.md` (the README table) and, for scaling, `<name>.png`.
@@ -15,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-EXPERIMENTS = ("scaling", "translation", "merge")
+EXPERIMENTS = ("scaling", "translation", "merge", "surprisal")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,6 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from bdh.experiments.merge import add_merge_arguments
 
     add_merge_arguments(sub)
+
+    from bdh.experiments import surprisal
+
+    surprisal.add_arguments(
+        sub.add_parser("surprisal", help="a checkpoint's neuron activity against its surprisal")
+    )
 
 
 def _common_arguments(p: argparse.ArgumentParser) -> None:
@@ -92,6 +99,10 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Path]:
         from bdh.experiments.merge import run_from_args
 
         return run_from_args(args, log)
+    if args.experiment == "surprisal":
+        from bdh.experiments import surprisal
+
+        return surprisal.run(args, log)
     cfg = config_from_args(args)
     out = Path(args.out or cfg.runs)
     name = args.experiment + ("-quick" if args.quick else "")

@@ -4,6 +4,8 @@
     logits = model.run_with_hooks(idx, hooks=[("layers.1.x", ablate)])
     with bdh.interpret.hooks(model, [...]): ...        # also model.step and model.generate
     with bdh.interpret.capture(model, ["layers.0.y"]) as cache: ...  # every call, joined along T
+    sigma = bdh.interpret.synapses(model, idx, layer=1, head=0, pairs=[(i, j)])  # σ (Eq. 16)
+    stats = bdh.interpret.measure_sparsity(model, tokens, block_size=64)  # firing, O(n·L)
 
 The names and their shapes: the module `bdh.interpret.hooks` and the README. Observers change
 nothing the model computes unless a hook returns a replacement.
@@ -20,6 +22,8 @@ from bdh.interpret.hooks import (
     run_with_hooks,
     select_names,
 )
+from bdh.interpret.sparsity import SparsityStats, measure_sparsity
+from bdh.interpret.synapses import synapse_matrices, synapse_trajectories, synapses
 
 __all__ = [
     "ActivationCache",
@@ -31,4 +35,12 @@ __all__ = [
     "run_with_cache",
     "run_with_hooks",
     "select_names",
+]
+# σ and sparsity, read from the named points above.
+__all__ += [
+    "SparsityStats",
+    "measure_sparsity",
+    "synapse_matrices",
+    "synapse_trajectories",
+    "synapses",
 ]
