@@ -1,0 +1,1 @@
+"""Observers of a trained model: they read weights and activations and change nothing."""
