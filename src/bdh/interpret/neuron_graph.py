@@ -255,25 +255,38 @@ def symmetric_part(counts: np.ndarray) -> np.ndarray:
     return np.minimum(counts, counts[::-1])
 
 
+def windows(counts: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each grid edge x_k = k·h, k = 0..K: the entries in [x_k, x_k + width·h) and in its
+    mirror image (−x_k − width·h, −x_k]."""
+    up, down = survival(counts)
+    shift = np.minimum(np.arange(up.size) + width, up.size - 1)
+    return up - up[shift], down - down[shift]
+
+
 def tail_threshold(
-    counts: np.ndarray, grid: Grid, ratio: float = 2.0, min_count: int = 100
+    counts: np.ndarray, grid: Grid, ratio: float = 2.0, min_count: int = 100, width: int = 5
 ) -> float | None:
     """The β where the positive tail separates from the symmetric part, or None.
 
-    The rule: β is the smallest grid edge x > 0 such that at every edge x' ≥ x that still has
-    at least `min_count` entries above it, #{w ≥ x'} ≥ ratio · #{w ≤ −x'}; that is, from β on at
-    least half (ratio 2) of the entries are an excess over the mirrored negative side. A block
-    with no such edge (or none with `min_count` entries above it) has no positive tail.
-    Survival counts rather than bin counts keep the rule stable where bins are sparse.
+    Fig. 9a draws the density f and its symmetric part min(f(x), f(−x)); the tail separates where
+    the excess f(x) − f(−x) outgrows the symmetric part, i.e. f(x) ≥ ratio·f(−x) with ratio 2.
+    The rule: β is the smallest grid edge x > 0 such that every window [x', x' + width·h) with
+    x' ≥ x holding at least `min_count` entries has ratio times the entries of its mirror window,
+    and the excess #{w ≥ β} − #{w ≤ −β} holds at least `min_count` entries. Windows of several
+    bins, and skipping those with few entries, keep the rule stable where the tail thins out. A
+    histogram with no such edge has no positive tail.
     """
+    pos, neg = windows(counts, width)
     up, down = survival(counts)
-    ok = up >= ratio * down
-    k = np.nonzero(up >= min_count)[0]
+    ok = pos >= ratio * neg
+    k = np.nonzero(pos >= min_count)[0]
     k = k[k > 0]
     if k.size == 0 or not ok[k[-1]]:
         return None
     bad = k[~ok[k]]
     first = k[k > bad[-1]][0] if bad.size else k[0]
+    if up[first] - down[first] < min_count:  # a few outliers on the bulk's edge are no tail
+        return None
     return float(first * grid.h)
 
 
