@@ -271,13 +271,11 @@ def tail_threshold(
     Fig. 9a draws the density f and its symmetric part min(f(x), f(−x)); the tail separates where
     the excess f(x) − f(−x) outgrows the symmetric part, i.e. f(x) ≥ ratio·f(−x) with ratio 2.
     The rule: β is the smallest grid edge x > 0 such that every window [x', x' + width·h) with
-    x' ≥ x holding at least `min_count` entries has ratio times the entries of its mirror window,
-    and the excess #{w ≥ β} − #{w ≤ −β} holds at least `min_count` entries. Windows of several
-    bins, and skipping those with few entries, keep the rule stable where the tail thins out. A
-    histogram with no such edge has no positive tail.
+    x' ≥ x holding at least `min_count` entries has ratio times the entries of its mirror window.
+    Windows of several bins, and skipping those with few entries, keep the rule stable where the
+    tail thins out (a handful of outliers is no tail). A histogram with no such edge has none.
     """
     pos, neg = windows(counts, width)
-    up, down = survival(counts)
     ok = pos >= ratio * neg
     k = np.nonzero(pos >= min_count)[0]
     k = k[k > 0]
@@ -285,8 +283,6 @@ def tail_threshold(
         return None
     bad = k[~ok[k]]
     first = k[k > bad[-1]][0] if bad.size else k[0]
-    if up[first] - down[first] < min_count:  # a few outliers on the bulk's edge are no tail
-        return None
     return float(first * grid.h)
 
 
