@@ -437,6 +437,77 @@ def default_name(ckpt: str) -> str:
     return path.parent.name if path.name == "checkpoint" else path.name
 
 
+def table_markdown(payload: dict[str, Any]) -> str:
+    """The numbers of the README: per matrix its tail, flagged heads, per-head-pair modularity
+    against the baselines, and the degree fits."""
+    m = payload["model"]
+    lines = [
+        f"Neuron graph of `{payload['checkpoint']}` (step {m['step']}; nh={m['n_head']},"
+        f" N={m['N']}, D={m['D']}); untrained twin: seed {payload['init_seed']}."
+        f" {payload['seconds']:.0f} s, peak RSS {payload['peak_rss_mib']:.0f} MiB.",
+        "",
+    ]
+    for which, res in payload["matrices"].items():
+        lines += _matrix_lines(which, res)
+    return "\n".join(lines) + "\n"
+
+
+def _matrix_lines(which: str, res: dict[str, Any]) -> list[str]:
+    ub = res["untrained_beta_units"]
+    flagged = ", ".join(map(str, res["flagged_heads"])) or "none"
+    mass = ", ".join(f"{h['positive_tail_mass']:.2e}" for h in res["heads"])
+    u_mass = ", ".join(f"{h['untrained_positive_tail_mass']:.2e}" for h in res["heads"])
+    untrained_tail = "no tail" if ub is None else f"tail at {ub:.2f} rms"
+    lines = [
+        f"**G_{which}**: β = {res['beta_units']:.2f} rms ({res['beta_rule']}); untrained:"
+        f" {untrained_tail}. Skew {res['skew']:.3f} (untrained {res['untrained_skew']:.3f})."
+        f" Positive-tail mass per encoder head at β: {mass} (untrained: {u_mass});"
+        f" flagged (no tail): {flagged}.",
+        "",
+        "| head pair b→a | edges | trained Q | G(n,m) | low-rank | untrained | inhibitory Q (m) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in res["blocks"]:
+        lines.append(
+            f"| {r['b']}→{r['a']} | {r['edges']:,} | {r['trained']['q']:.3f} | {r['gnm']['q']:.3f}"
+            f" | {r['lowrank']['q']:.3f} | {r['untrained']['q']:.3f}"
+            f" | {r['inhibitory']['q']:.3f} ({r['inhibitory']['edges']:,}) |"
+        )
+    s = res["summary"]
+    med = s["median_q"]
+    lines += [
+        f"| median | {s['median_edges']:,.0f} | {med['trained']:.3f} | {med['gnm']:.3f}"
+        f" | {med['lowrank']:.3f} | {med['untrained']:.3f} | {med['inhibitory']:.3f} |",
+        "",
+        f"Trained above all three baselines in {s['trained_beats_all_baselines']} of"
+        f" {s['blocks']} head pairs; {s['blocks_with_tail']} blocks have their own tail.",
+        "",
+    ]
+    for kind, d in res["degrees"].items():
+        for side in ("in", "out"):
+            lines.append(_fit_line(kind, side, d[side]))
+    c, g = res["core"]["trained"], res["core"]["gnm"]
+    if c.get("max_core"):
+        lines.append(
+            f"- k-cores: the innermost ({c['max_core']}-core) holds {c['core_node_share']:.1%} of"
+            f" the nodes and {c['core_edge_end_share']:.1%} of the edge ends; G(n,m) per block:"
+            f" {g['max_core']}-core, {g['core_node_share']:.1%} / {g['core_edge_end_share']:.1%}"
+        )
+    return [*lines, ""]
+
+
+def _fit_line(kind: str, side: str, d: dict[str, Any]) -> str:
+    f = d["fit"]
+    if f.get("alpha") is None:
+        return f"- {kind} {side}-degree: no fit ({f.get('reason')})"
+    ln = f["vs_lognormal"]
+    return (
+        f"- {kind} {side}-degree (max {d['max']}, mean {d['mean']:.1f}): power law"
+        f" α = {f['alpha']:.2f} ± {f['sigma']:.2f} above x_min = {f['xmin']:.0f}"
+        f" ({f['n_tail']} nodes); vs log-normal R = {ln['R']:.2f}, p = {ln['p']:.2g}"
+    )
+
+
 def write_outputs(
     result: dict[str, Any], out: Path, name: str, log: Any = print
 ) -> dict[str, Path]:
@@ -446,6 +517,8 @@ def write_outputs(
     stem = f"neuron-graph-{name}"
     paths = {"json": out / f"{stem}.json"}
     paths["json"].write_text(json.dumps(result["payload"], indent=2, default=_jsonable) + "\n")
+    paths["md"] = out / f"{stem}.md"
+    paths["md"].write_text(table_markdown(result["payload"]))
     paths |= plots.plot_all(result, out, stem)
     for p in paths.values():
         log(f"wrote {p}")
