@@ -224,3 +224,14 @@ def test_a_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert rc == 1
     err = capsys.readouterr().err.strip()
     assert "checkpoint not found" in err and len(err.splitlines()) == 1
+
+
+def test_kept_entries_never_include_the_masked_diagonal():
+    model = _dyadic_model(1)
+    A, B = ng.factors_of(model).block("x", 0, 0)
+    N = A.shape[0]
+    s = ng.scan(A, B, ng.Grid(h=0.25, K=64), keep=N * N, diagonal=True, rows=50)
+    i, j, w = s.top
+    assert i.size == N * (N - 1) and not np.any(i == j) and np.all(np.isfinite(w))
+    with pytest.raises(ValueError, match="distinct pairs"):
+        ng.gnm_pairs(N, N * (N - 1) + 1, True, np.random.default_rng(0))

@@ -195,8 +195,10 @@ def sweep(
 ) -> list[dict[str, Any]]:
     """Modularity against edges for one block, at geometric edge counts and at β's count."""
     N, keep = ctx["N"], ctx["max_edges"]
-    lo = max(N // 4, 16)
-    counts = np.unique(np.geomspace(lo, keep, ctx["sweep_points"]).astype(np.int64))
+    # From a quarter of an edge per neuron up to the cap, or a quarter of the block's pairs: a
+    # graph with most pairs connected has no communities left to find.
+    lo, hi = max(N // 4, 16), min(keep, N * N // 4)
+    counts = np.unique(np.geomspace(lo, hi, ctx["sweep_points"]).astype(np.int64))
     at_beta = int(edges_at(trained.top, beta)[0].size)
     counts = sorted({*counts.tolist(), at_beta} - {0})
     points = []

@@ -124,7 +124,9 @@ class TopEntries:
         that at least `keep` entries seen so far reach (the caller's histogram gives one)."""
         if self.keep == 0:
             return
-        flat = torch.nonzero((tile >= max(floor, self.floor)).flatten()).squeeze(1)
+        # The smallest finite float as the lowest bar: masked entries (−inf) never enter.
+        bar = max(floor, self.floor, torch.finfo(tile.dtype).min)
+        flat = torch.nonzero((tile >= bar).flatten()).squeeze(1)
         self.rows.append(flat // tile.shape[1] + r0)
         self.cols.append(flat % tile.shape[1])
         self.vals.append(tile.flatten()[flat])
@@ -305,6 +307,9 @@ def gnm_pairs(
     N: int, m: int, diagonal: bool, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """m distinct pairs (i, j) drawn uniformly from the N×N block (i ≠ j in a diagonal block)."""
+    pairs = N * (N - 1) if diagonal else N * N
+    if m > pairs:
+        raise ValueError(f"cannot draw {m} distinct pairs from {pairs}")
     chosen = np.zeros(0, np.int64)
     while chosen.size < m:
         draw = rng.integers(0, N * N, size=int(1.2 * (m - chosen.size)) + 16)
