@@ -144,12 +144,12 @@ class TopEntries:
             self.floor = float(v.min())
 
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(rows, columns, values), values descending; ties in position order."""
+        """(rows, columns, values), values descending."""
         if not self.vals:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
         self._prune()
         r, c, v = self.rows[0].numpy(), self.cols[0].numpy(), self.vals[0].numpy()
-        order = np.lexsort((c, r, -v.astype(np.float64)))
+        order = np.argsort(-v, kind="stable")
         return r[order], c[order], v[order]
 
 
