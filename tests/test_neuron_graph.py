@@ -219,11 +219,16 @@ def test_the_experiment_writes_its_numbers_and_figures(tmp_path):
         assert (tmp_path / f"neuron-graph-ck-{fig}.png").stat().st_size > 10_000
 
 
-def test_a_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
-    rc = main(["experiment", "neuron-graph", "--ckpt", str(tmp_path / "nope")])
+@pytest.mark.parametrize(
+    "extra, message",
+    [([], "checkpoint not found"), (["--runs", "0"], "runs must be >= 1"),
+     (["--backend", "igraph"], "backend must be one of")],
+)  # fmt: skip
+def test_user_mistakes_are_one_line_errors(tmp_path, capsys, extra, message):
+    rc = main(["experiment", "neuron-graph", "--ckpt", str(tmp_path / "nope"), *extra])
     assert rc == 1
     err = capsys.readouterr().err.strip()
-    assert "checkpoint not found" in err and len(err.splitlines()) == 1
+    assert message in err and len(err.splitlines()) == 1
 
 
 def test_kept_entries_never_include_the_masked_diagonal():
