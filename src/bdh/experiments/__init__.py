@@ -4,6 +4,7 @@
     bdh experiment translation [--quick] [...]   # En-Fr BLEU/chrF at equal parameters and tokens
     bdh experiment merge [--quick] [...]         # Table 2: two fine-tunes of one base, merged
     bdh experiment surprisal --ckpt C [--quick]  # neuron activity against surprisal (Fig. 14)
+    bdh experiment neuron-graph --ckpt C [...]   # G = D_x E: tails, modularity (Figs. 9-10)
 
 `benchmarks/scaling.py` and `benchmarks/translation.py` run the same code. Each writes
 `<name>.json` (every number), `<name>.md` (the README table) and, for scaling, `<name>.png`.
@@ -16,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-EXPERIMENTS = ("scaling", "translation", "merge", "surprisal")
+EXPERIMENTS = ("scaling", "translation", "merge", "surprisal", "neuron-graph")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,6 +53,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     surprisal.add_arguments(
         sub.add_parser("surprisal", help="a checkpoint's neuron activity against its surprisal")
     )
+
+    _neuron_graph_arguments(sub)
+
+
+def _neuron_graph_arguments(sub: Any) -> None:
+    p = sub.add_parser("neuron-graph", help="the neuron graph G = D_x E of a checkpoint")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (or its run directory)")
+    p.add_argument("--out", default="benchmarks/results", help="where to write JSON and PNGs")
+    p.add_argument("--name", help="file stem neuron-graph-NAME (default: the run's directory)")
+    p.add_argument(
+        "--max-edges",
+        type=int,
+        default=262_144,
+        metavar="M",
+        help="edges kept per block and sign; bounds the sweep (default: 262144)",
+    )
+    p.add_argument("--runs", type=int, default=5, help="Louvain runs per graph, best kept")
+    p.add_argument("--sweep-points", type=int, default=6, help="edge counts in the sweep")
+    p.add_argument("--seed", type=int, default=0, help="seed of Louvain and the baselines")
+    p.add_argument("--init-seed", type=int, help="seed of the untrained twin (default: the run's)")
+    p.add_argument("--backend", help="Louvain backend: sknetwork (if installed) or networkx")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = default")
 
 
 def _common_arguments(p: argparse.ArgumentParser) -> None:
@@ -103,6 +126,8 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Path]:
         from bdh.experiments import surprisal
 
         return surprisal.run(args, log)
+    if args.experiment == "neuron-graph":
+        return _run_neuron_graph(args, log)
     cfg = config_from_args(args)
     out = Path(args.out or cfg.runs)
     name = args.experiment + ("-quick" if args.quick else "")
@@ -122,6 +147,16 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Path]:
     for path in paths.values():
         log(f"wrote {path}")
     return paths
+
+
+def _run_neuron_graph(args: argparse.Namespace, log: Any) -> dict[str, Path]:
+    from bdh.experiments import neuron_graph as exp
+
+    skip = {"verb", "experiment"}
+    cfg = exp.NeuronGraphConfig(**{k: v for k, v in vars(args).items() if k not in skip})
+    result = exp.run_neuron_graph(cfg, log)
+    name = cfg.name or exp.default_name(cfg.ckpt)
+    return exp.write_outputs(result, Path(cfg.out), name, log)
 
 
 def write_outputs(out: Path, name: str, payload: dict[str, Any], table: str) -> dict[str, Path]:
