@@ -320,13 +320,15 @@ def plan(args: argparse.Namespace) -> list[tuple[str, int, int]]:
 
 
 def runnable(
-    preset: str, B: int, T: int, budget: float, bf16: bool
+    preset: str, B: int, T: int, budget: float, bf16: bool, glibc: bool = True
 ) -> tuple[list[str], dict[str, str]]:
     """The cases that fit the memory budget together (workers run side by side; the retained
     ones keep their peak resident), in order of importance; the others with the reason."""
     cfg = BDHConfig.from_name(preset)
     ours = "ours" if estimated_bytes(cfg, B, T, "ours") <= budget else "ours+recompute"
-    wanted = [ours, "literal", GLIBC_DEFAULT] + (["ours+bf16"] if bf16 else [])
+    wanted = (
+        [ours, "literal"] + ([GLIBC_DEFAULT] if glibc else []) + (["ours+bf16"] if bf16 else [])
+    )
     paths, skipped, total = [], {}, 0.0
     for p in wanted:
         need = estimated_bytes(cfg, B, T, p)
@@ -376,7 +378,7 @@ def run(args: argparse.Namespace, info: dict[str, Any], code: str) -> None:
     results["cells"] = []
     budget = args.max_gb * 2**30
     for preset, B, T in plan(args):
-        paths, skipped = runnable(preset, B, T, budget, args.bf16)
+        paths, skipped = runnable(preset, B, T, budget, args.bf16, not args.no_glibc_case)
         rounds = rounds_for(preset, B, T, paths, args)
         cell = time_cell(preset, B, T, paths, rounds)
         cell["skipped"] = skipped
@@ -463,6 +465,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--compile", action="store_true", help="add compiled-vs-compiled cells")
     ap.add_argument("--bf16", action="store_true", help="add our path under bf16 autocast")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    ap.add_argument(
+        "--no-glibc-case",
+        action="store_true",
+        help="skip the allocator's own effect (literal/glibc)",
+    )
     ap.add_argument("--out", default=str(common.RESULTS / "bench_train.json"))
     ap.add_argument("--memory-probe", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
