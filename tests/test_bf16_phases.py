@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from bdh import BDH, BDHConfig
@@ -26,6 +27,7 @@ def _late_over_early(errors: torch.Tensor) -> float:
     return float(errors[1000:].mean() / errors[:100].mean())
 
 
+@pytest.mark.usefixtures("one_thread")  # a tiny model: a second thread mostly waits
 @torch.no_grad()
 def test_a_bf16_copy_is_as_accurate_at_position_1000_as_at_the_start():
     """Forward pass and decoding engine: errors at positions ≥ 1000 at most 2x those below 100."""

@@ -259,6 +259,7 @@ def _trained_tiny(steps: int = 30) -> tuple[BDH, torch.Tensor, torch.Tensor]:
     return model, data[held_out[:, :-1]], data[held_out[:, 1:]]
 
 
+@pytest.mark.usefixtures("one_thread")  # a tiny model: a second thread mostly waits
 def test_bf16_autocast_of_a_trained_model_matches_float32():
     """Logits, loss and gradients under bf16 autocast agree with float32, on a model trained far
     enough that the logits carry what it learned (at initialisation they are ~0 and any path
