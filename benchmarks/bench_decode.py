@@ -36,6 +36,7 @@ from bdh.decode import DecodeOptions, Decoder
 from bdh.ops import cpu_kernels
 from common import (
     RESULTS,
+    code_version,
     current_peak_rss_bytes,
     ensure_quiet_threads,
     fmt_bytes,
@@ -466,6 +467,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: {v['value']:.3g} (target {v['target']}) {'MET' if v['met'] else 'NOT MET'}")
     payload = {
         "benchmark": "bench_decode",
+        "code": code_version(),
         "argv": argv,
         "config": cfg.to_dict(),
         "weights": weights,

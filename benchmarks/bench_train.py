@@ -9,11 +9,16 @@ Every cell (preset, B, T) times one training step (zero_grad, forward, backward,
 case on the same weights and batch, plus a square fp32 matmul that measures this machine's matmul
 rate, interleaved in rotating order and repeated, so the shared CPU's load hits every case alike:
 
-- `literal`:          `bdh.reference.ReferenceBDH` (SPEC §2 as written) in a plain PyTorch process;
-- `literal/retained`: the same, with freed memory retained by the allocator like our trainer does
-                      (`bdh.speed.retain_freed_memory`): the formulation alone, same process setup;
-- `ours`:             `bdh.BDH`'s default training path, allocator as our trainer sets it;
-- `ours+recompute`:   with per-layer recomputation (only where `ours` would not fit --max-gb).
+- `literal`:        `bdh.reference.ReferenceBDH` (SPEC §2 as written);
+- `ours`:           `bdh.BDH`'s default training path;
+- `ours+recompute`: with per-layer recomputation (only where `ours` would not fit --max-gb);
+- `literal/glibc`:  the literal formulation with glibc's default allocator, the only case whose
+                    process differs: it shows the allocator setting's own effect, never a ratio
+                    of ours.
+
+`literal` and `ours` run under the same process settings: freed memory retained by the allocator
+as our trainer does (`bdh.speed.retain_freed_memory`) and torch's thread count, which every worker
+reports and the cell checks. "ours / literal" is therefore the formulation alone.
 
 Each case lives in its own worker process (so each has its own allocator setting); the
 coordinator asks them for one step at a time. Reported: medians, the median of per-round ratios,
@@ -173,10 +178,12 @@ class Worker:
         self.proc.wait()
 
 
+GLIBC_DEFAULT = "literal/glibc"  # the one case that keeps glibc's default allocator
+
+
 def worker_main(preset: str, path: str, B: int, T: int, compiled: bool) -> None:
     """The worker's side: allocator as the case says, model, same-loss check, then steps."""
-    if path != "literal":
-        retain_freed_memory()
+    retained = path != GLIBC_DEFAULT and retain_freed_memory()
     model = build(preset, path)
     x, y = batch(B, T)
     start = time.perf_counter()
@@ -184,6 +191,7 @@ def worker_main(preset: str, path: str, B: int, T: int, compiled: bool) -> None:
         model.compile()
     # Compiled cases are checked as compiled: the same-loss check runs through the compiled model.
     ready: dict[str, Any] = {"eval_loss": eval_loss(model, x[:1], y[:1])}
+    ready["process"] = {"retained_freed_memory": retained, "threads": torch.get_num_threads()}
     trainer = Trainer(model, x, y, bf16=path.endswith("+bf16"))
     if compiled:
         trainer.step()  # compiles forward and backward
@@ -194,10 +202,10 @@ def worker_main(preset: str, path: str, B: int, T: int, compiled: bool) -> None:
             print(json.dumps({"loss": trainer.step()}), flush=True)
 
 
-def freeze_source() -> tuple[Path, str]:
-    """Copy the committed package (git HEAD; else the imported one) for the workers, so that a
-    file edited in the tree during a long run neither breaks nor changes the cells after it."""
-    root = Path(tempfile.mkdtemp(prefix="bench_train_src_"))
+def freeze_source(root: Path) -> tuple[Path, str]:
+    """Copy the committed package (git HEAD; else the imported one) into `root` for the workers,
+    so that a file edited in the tree during a long run neither breaks nor changes the cells
+    after it."""
     repo = Path(__file__).resolve().parent.parent
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
                           capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
@@ -222,11 +230,14 @@ def time_cell(
     finally:
         for w in workers.values():
             w.close()
+    process = {p: w.ready["process"] for p, w in workers.items()}
+    same_process(process)
     losses = {p: w.ready["eval_loss"] for p, w in workers.items() if not p.endswith("+bf16")}
     spread = max(losses.values()) - min(losses.values())
     cell: dict[str, Any] = {"preset": preset, "B": B, "T": T, "rounds": rounds}
     cell |= {"eval_losses": losses, "loss_abs_diff": spread, "same_loss_1e-5": spread <= 1e-5}
     cell["compiled"] = compiled
+    cell["process"] = process
     if compiled:
         cell["compile_seconds"] = {p: w.ready["compile_seconds"] for p, w in workers.items()}
     rate = [PROBE_FLOPS / t for t in times["matmul"]]
@@ -242,10 +253,24 @@ def time_cell(
                 [flops / t / r for t, r in zip(times[p], rate, strict=True)]
             ),
         }
-        for base in ("literal", "literal/retained"):
-            if base in times and p != base:
-                cell[p][f"speedup_vs_{base}"] = common.median_ratio(times[base], times[p])
+        if p.startswith("ours") and "literal" in times:
+            cell[p]["speedup_vs_literal"] = common.median_ratio(times["literal"], times[p])
+    if GLIBC_DEFAULT in times and "literal" in times:
+        # How much slower the same formulation runs with glibc's default allocator.
+        cell["allocator_effect_on_literal"] = common.median_ratio(
+            times[GLIBC_DEFAULT], times["literal"]
+        )
     return cell
+
+
+def same_process(process: dict[str, dict[str, Any]]) -> None:
+    """Every case but `literal/glibc` runs with the same allocator setting and thread count."""
+    threads = {p: s["threads"] for p, s in process.items()}
+    if len(set(threads.values())) != 1:
+        raise RuntimeError(f"workers run different thread counts: {threads}")
+    retained = {p: s["retained_freed_memory"] for p, s in process.items() if p != GLIBC_DEFAULT}
+    if len(set(retained.values())) > 1:
+        raise RuntimeError(f"workers run different allocator settings: {retained}")
 
 
 # ---------------------------------------------------------------------------- memory
@@ -295,13 +320,15 @@ def plan(args: argparse.Namespace) -> list[tuple[str, int, int]]:
 
 
 def runnable(
-    preset: str, B: int, T: int, budget: float, bf16: bool
+    preset: str, B: int, T: int, budget: float, bf16: bool, glibc: bool = True
 ) -> tuple[list[str], dict[str, str]]:
     """The cases that fit the memory budget together (workers run side by side; the retained
     ones keep their peak resident), in order of importance; the others with the reason."""
     cfg = BDHConfig.from_name(preset)
     ours = "ours" if estimated_bytes(cfg, B, T, "ours") <= budget else "ours+recompute"
-    wanted = [ours, "literal", "literal/retained"] + (["ours+bf16"] if bf16 else [])
+    wanted = (
+        [ours, "literal"] + ([GLIBC_DEFAULT] if glibc else []) + (["ours+bf16"] if bf16 else [])
+    )
     paths, skipped, total = [], {}, 0.0
     for p in wanted:
         need = estimated_bytes(cfg, B, T, p)
@@ -337,15 +364,21 @@ def main() -> None:
     common.ensure_quiet_threads()
     info = common.machine_info()
     print(common.machine_line(info), flush=True)
-    source, code = freeze_source()  # every child process imports this copy
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(source), os.environ.get("PYTHONPATH", "")])
-    print(f"code: {code}, frozen for the worker processes in {source}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_train_src_") as frozen:
+        source, code = freeze_source(Path(frozen))  # every child process imports this copy
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(source), os.environ.get("PYTHONPATH", "")])
+        print(f"code: {code}, frozen for the worker processes in {source}", flush=True)
+        run(args, info, code)
+
+
+def run(args: argparse.Namespace, info: dict[str, Any], code: str) -> None:
+    """The timed grid, the compiled cells and the memory probes, written to `args.out`."""
     results: dict[str, Any] = {"machine": info, "code": code, "argv": sys.argv[1:]}
     results["presets"] = {p: BDHConfig.from_name(p).to_dict() for p in args.presets}
     results["cells"] = []
     budget = args.max_gb * 2**30
     for preset, B, T in plan(args):
-        paths, skipped = runnable(preset, B, T, budget, args.bf16)
+        paths, skipped = runnable(preset, B, T, budget, args.bf16, not args.no_glibc_case)
         rounds = rounds_for(preset, B, T, paths, args)
         cell = time_cell(preset, B, T, paths, rounds)
         cell["skipped"] = skipped
@@ -356,7 +389,7 @@ def main() -> None:
         results["compiled"] = []
         grid = [("small", 4, 512), ("reference", 1, 512)][: 1 if args.quick else 2]
         for preset, B, T in [cell for cell in grid if cell[0] in args.presets]:
-            paths = ["literal", "literal/retained", "ours"]
+            paths = ["literal", GLIBC_DEFAULT, "ours"]
             cell = time_cell(preset, B, T, paths, args.rounds, compiled=True)
             results["compiled"].append(cell)
             print("compiled " + row(cell), flush=True)
@@ -394,14 +427,15 @@ def memory_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
 def row(cell: dict[str, Any]) -> str:
     head = f"{cell['preset']:9s} B={cell['B']} T={cell['T']:4d}"
     parts = [head, f"matmul {cell['matmul_GFLOPs']:.0f} GFLOP/s"]
-    for p in ("literal", "literal/retained", "ours", "ours+recompute", "ours+bf16"):
+    for p in ("literal", GLIBC_DEFAULT, "ours", "ours+recompute", "ours+bf16"):
         if p in cell:
             c = cell[p]
             text = f"{p} {c['tokens_per_s']:.0f} tok/s ({c['matmul_fraction']:.0%})"
-            ratios = [c[k] for k in ("speedup_vs_literal", "speedup_vs_literal/retained") if k in c]
-            if ratios and p.startswith("ours"):
-                text += " x" + "/".join(f"{r:.2f}" for r in ratios)
+            if "speedup_vs_literal" in c:
+                text += f" x{c['speedup_vs_literal']:.2f}"
             parts.append(text)
+    if "allocator_effect_on_literal" in cell:
+        parts.append(f"glibc allocator slows literal x{cell['allocator_effect_on_literal']:.2f}")
     parts.append(f"|Δloss| {cell['loss_abs_diff']:.1e}, {cell['rounds']} rounds")
     if cell.get("skipped"):
         parts.append("skipped: " + "; ".join(f"{k} ({v})" for k, v in cell["skipped"].items()))
@@ -431,6 +465,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--compile", action="store_true", help="add compiled-vs-compiled cells")
     ap.add_argument("--bf16", action="store_true", help="add our path under bf16 autocast")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    ap.add_argument(
+        "--no-glibc-case",
+        action="store_true",
+        help="skip the allocator's own effect (literal/glibc)",
+    )
     ap.add_argument("--out", default=str(common.RESULTS / "bench_train.json"))
     ap.add_argument("--memory-probe", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)

@@ -73,6 +73,25 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def code_version() -> str:
+    """The code a benchmark ran: "git <commit>" (plus a note when the package or the benchmarks
+    differ from that commit), or "unknown" outside a git checkout."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+        except OSError:
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD")
+    if not head:
+        return "unknown"
+    changed = git("status", "--porcelain", "--", "src", "benchmarks")
+    return f"git {head}" + (" with uncommitted changes" if changed else "")
+
+
 def machine_line(info: dict[str, Any] | None = None) -> str:
     i = info or machine_info()
     return (

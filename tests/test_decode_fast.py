@@ -374,8 +374,9 @@ def test_stop_errors_are_one_line_messages():
 def test_cpp_kernels_equal_the_torch_sparse_step(B):
     from bdh.ops import cpu_kernels
 
-    if not cpu_kernels.available():
-        pytest.skip("no C++ toolchain for torch extensions")
+    if (why := cpu_kernels.missing_toolchain()) is not None:
+        pytest.skip(why)
+    cpu_kernels.load()  # with a compiler present, a failed build fails here with its message
     G, N, D, nh = B * 2, 64, 16, 2
     k = sparse_x(G, N, p=0.2, dtype=torch.float32)
     v = torch.randn(G, D)
@@ -424,3 +425,15 @@ def test_default_limits_keep_small_models_dense_with_torch_ops():
     for kernels, expected in (("torch", "dense"), ("cpp", "sparse")):
         dec = model.decoding_engine(DecodeOptions(kv="off", kernels=kernels))
         assert dec._sparse("auto", 0.1) == (expected == "sparse")
+
+
+def test_only_a_missing_toolchain_makes_the_kernels_unavailable(monkeypatch):
+    from bdh.ops import cpu_kernels
+
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    assert "no-such-c++-compiler" in cpu_kernels.missing_toolchain()
+    cpu_kernels.available.cache_clear()
+    try:
+        assert cpu_kernels.available() is False  # no build is attempted without a compiler
+    finally:
+        cpu_kernels.available.cache_clear()

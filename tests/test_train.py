@@ -160,6 +160,19 @@ def test_data_shorter_than_one_block(tmp_path):
         train(TrainConfig(data=str(short), out=str(tmp_path / "r"), preset="tiny"), **QUIET)
 
 
+# ---------------------------------------------------------------- learning
+
+
+def test_training_takes_the_held_out_loss_far_below_its_start(tmp_path, text_file):
+    """A tiny model on a tiny corpus, 60 steps: the validation loss ends far below the loss of
+    the first step (the untrained model's, ~ln 256). The slow suite does the same on real text."""
+    cfg = _cfg(tmp_path, text_file, max_steps=60, batch_size=8, block_size=32, eval_interval=60)
+    result = train(cfg, **QUIET)
+    start = _losses(tmp_path / "run")[1]
+    assert start == pytest.approx(math.log(256), rel=0.05)  # untrained: the uniform loss
+    assert result.val is not None and result.val.loss < 0.7 * start, (start, result.val)
+
+
 # ---------------------------------------------------------------- evaluation
 
 

@@ -56,15 +56,12 @@ class ModelKind:
     build: Callable[[Any], nn.Module]
 
 
-MODEL_KINDS: dict[str, ModelKind] = {}
-
-
-def register_model_kind(name: str, config_class: Any, build: Callable[[Any], nn.Module]) -> None:
-    MODEL_KINDS[name] = ModelKind(name, config_class, build)
-
-
-register_model_kind("bdh", BDHConfig, BDH)
-register_model_kind("gpt", GPTConfig, GPT)
+# The architectures a checkpoint can hold, listed here (not registered from elsewhere): adding one
+# is one line, and which kinds load never depends on which modules happen to be imported.
+MODEL_KINDS: dict[str, ModelKind] = {
+    "bdh": ModelKind("bdh", BDHConfig, BDH),
+    "gpt": ModelKind("gpt", GPTConfig, GPT),
+}
 
 
 def model_kind(name: str) -> ModelKind:

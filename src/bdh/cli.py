@@ -257,8 +257,11 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 
 @verb("eval", "loss (nats/token) and bits per byte of a checkpoint", _eval_arguments)
 def _eval(args: argparse.Namespace) -> int:
-    from bdh.train import evaluate_checkpoint
+    import torch
 
+    from bdh.train import choose_threads, evaluate_checkpoint
+
+    torch.set_num_threads(choose_threads())  # this process's setting: the CLI owns it
     progress = _bar(args.no_progress or args.json)
     result, what = evaluate_checkpoint(
         args.ckpt, args.data, args.split, args.batch_size, progress, args.max_tokens

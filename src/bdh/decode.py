@@ -91,6 +91,8 @@ class DecodeOptions:
     # second thread costs tens of µs per parallel op (more with OMP_WAIT_POLICY=PASSIVE, the
     # setting for a shared machine), as much as a small model's whole op: measured on 2 cores,
     # the trained `small` preset's sparse step took 0.47 ms on one thread and 0.88 ms on two.
+    # torch's thread count is process-wide: a step that changes it restores it before returning,
+    # but torch work in other Python threads meanwhile sees it; 0 never touches it.
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -428,7 +430,8 @@ class _Tokens:
 
 @contextmanager
 def _threads(n: int) -> Iterator[None]:
-    """Run the block on n torch threads (0: unchanged), restoring the setting after."""
+    """Run the block on n torch threads (0: unchanged), restoring the process-wide setting on
+    exit, errors included."""
     before = torch.get_num_threads()
     if n < 1 or n == before:
         yield

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdh.config import ConfigError
-from bdh.speed import PRECISIONS, autocast, compile_model, retain_freed_memory
+from bdh.speed import PRECISIONS, autocast, compile_model
 from bdh.state import BDHState
 
 
@@ -123,9 +123,6 @@ class Stepper:
         # before keeps working; checkpoints are written from, and loaded to, the CPU.
         model.to(self.device)
         self.model, self.cfg = model, cfg
-        # Every step frees and re-allocates the same activations; keeping the freed memory in the
-        # process spares the page faults of fresh allocations (bdh.speed), results unchanged.
-        retain_freed_memory()
         if cfg.recompute:
             model.recompute = True
         if cfg.compile:

@@ -35,7 +35,7 @@ from bdh import trunk as _trunk
 from bdh.config import BDHConfig
 from bdh.ops import FORMS, chunked, frequencies, parallel
 from bdh.ops.common import cheapest_form, keep_mask, state_dtype
-from bdh.ops.rope import RotaryTable
+from bdh.ops.rope import RotaryTable, phase_dtype
 from bdh.state import BDHState
 
 
@@ -55,6 +55,16 @@ class Attention(nn.Module):
         self.register_buffer(
             "damping", None if damping is None else torch.tensor(damping), persistent=False
         )
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Attention:
+        """`model.to(torch.bfloat16)` casts buffers too: keep the phases' inputs in float32."""
+        kept = {name: getattr(self, name) for name in ("freqs", "damping")}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if after is not None and after.dtype != phase_dtype(after.dtype):
+                setattr(self, name, before.to(after.device, phase_dtype(after.dtype)))
+        return self
 
     def form(self, T: int, has_state: bool) -> str:
         """The form to use: the configured one, or under "auto" the fastest exact one for T."""

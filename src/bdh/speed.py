@@ -1,10 +1,12 @@
 """Opt-in speed-ups of training, each with a fallback that always works.
 
-- `retain_freed_memory()`: keep freed memory inside the process (glibc). A training step
-  allocates and frees the same (B, nh, T, N) activations every step; by default glibc hands each
-  large block back to the kernel and the next step page-faults it in again, which costs several
-  times the arithmetic of an element-wise pass (measured: a fresh 64 MiB tensor costs ~80 ms of
-  page faults on this CPU, filling it ~15 ms). No effect on results.
+- `freed_memory_retained()`: within the block, keep freed memory inside the process (glibc). A
+  training step allocates and frees the same (B, nh, T, N) activations every step; by default
+  glibc hands each large block back to the kernel and the next step page-faults it in again,
+  which costs several times the arithmetic of an element-wise pass (measured: a fresh 64 MiB
+  tensor costs ~80 ms of page faults on this CPU, filling it ~15 ms). No effect on results. The
+  allocator is process-wide: `bdh.train.train` holds it for its loop only; `retain_freed_memory()`
+  sets it for the rest of the process (for a script's entry point, like the benchmarks).
 - `compile_model(model)`: `torch.compile` where the platform supports it, else eager with a
   one-line warning.
 - `autocast(precision, device)`: bf16 autocast for the products; the recurrent state stays
@@ -27,24 +29,59 @@ from torch import nn
 PRECISIONS = ("fp32", "bf16")
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters of glibc's malloc.h
+_GLIBC_DEFAULT_THRESHOLD = 128 * 1024  # both thresholds' defaults (malloc.h)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (has mallopt and malloc_trim), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (glibc has both; musl has neither)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def _set_thresholds(mmap: int, trim: int) -> bool:
+    libc = _glibc()
+    if libc is None:
+        return False
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap) == 1
+    return libc.mallopt(_M_TRIM_THRESHOLD, trim) == 1 and ok
 
 
 def retain_freed_memory() -> bool:
     """Ask glibc to keep freed blocks for reuse instead of returning them to the kernel.
 
-    Returns False (and changes nothing) where the C library is not glibc. Peak memory is
-    unchanged: the process holds on to at most what it once used.
+    Process-wide and lasting: use it in a program's entry point, or `freed_memory_retained()`
+    to scope it. Returns False (and changes nothing) where the C library is not glibc. Peak
+    memory is unchanged: the process holds on to at most what it once used.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
     # Serve big blocks from the heap (not mmap, which unmaps on free) and never trim the heap.
-    ok = mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1
-    return mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok
+    return _set_thresholds(1 << 30, 2**31 - 1)
+
+
+def release_freed_memory() -> bool:
+    """Undo `retain_freed_memory`: glibc's default thresholds (128 KiB; glibc's dynamic raising
+    of the mmap threshold stays off, as after any mallopt), and the kept memory given back."""
+    if not _set_thresholds(_GLIBC_DEFAULT_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD):
+        return False
+    _glibc().malloc_trim(0)
+    return True
+
+
+@contextlib.contextmanager
+def freed_memory_retained() -> Iterator[bool]:
+    """Keep freed memory in the process within the block (yields whether it could), then
+    release it (`release_freed_memory`)."""
+    retained = retain_freed_memory()
+    try:
+        yield retained
+    finally:
+        if retained:
+            release_freed_memory()
 
 
 def compile_supported(device: str = "cpu") -> tuple[bool, str]:

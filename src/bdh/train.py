@@ -46,6 +46,7 @@ from bdh.checkpoint import (
     save_checkpoint,
 )
 from bdh.config import ConfigError
+from bdh.speed import freed_memory_retained
 from bdh.tokenizer import KINDS as TOKENIZER_KINDS
 from bdh.tokenizer import Tokenizer, train_tokenizer
 
@@ -289,11 +290,10 @@ def evaluate_checkpoint(
     A file given as `data` is evaluated whole (split "all"); a folder or named corpus on its
     validation split. `max_tokens` scores only the split's first max_tokens predictions (a
     quick estimate for models that are slow on the CPU). Returns the result and a description
-    of what was evaluated.
+    of what was evaluated. Runs on torch's current thread count (`bdh eval` sets it).
     """
     if max_tokens is not None and max_tokens < 1:
         raise bdh_data.DataError(f"max_tokens must be ≥ 1, got {max_tokens}")
-    torch.set_num_threads(choose_threads())
     ckpt = load_checkpoint(path)
     trained = ckpt.meta.get("train", {})
     source = data or trained.get("data")
@@ -570,7 +570,25 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train (or resume) the run of `cfg`; with resume, `overrides` replace saved settings."""
+    """Train (or resume) the run of `cfg`; with resume, `overrides` replace saved settings.
+
+    Process-wide settings are scoped to the call: torch's thread count (`choose_threads`) and
+    glibc's retention of freed memory (`bdh.speed.freed_memory_retained`) are restored on return.
+    """
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg, resume, overrides, progress, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    cfg: TrainConfig,
+    resume: bool,
+    overrides: dict[str, Any] | None,
+    progress: bool,
+    log: Callable[[str], None],
+) -> TrainResult:
     if not resume and Path(cfg.data).exists():
         # The checkpoint names its data; an absolute path keeps `bdh eval` working from anywhere.
         cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))
@@ -588,7 +606,9 @@ def train(
         else distributed.NullLog()
     )
     try:
-        with _stop_on_sigint() as flag:
+        # Every step frees and re-allocates the same activations; keeping the freed memory in the
+        # process spares the page faults of fresh allocations (bdh.speed), results unchanged.
+        with _stop_on_sigint() as flag, freed_memory_retained():
             return _loop(run, metrics, flag, progress, log)
     finally:
         metrics.close()

@@ -76,7 +76,7 @@ def preset_config(config_class: type, name: str, **fields: Any) -> Any:
     size is a preset of both models; `fields` (e.g. vocab_size) override the preset's."""
     named = {BDHConfig: BDH_PRESETS, GPTConfig: GPT_PRESETS}.get(config_class)
     ladders = {**LADDER, **QUICK_LADDER}
-    if named is None:  # another registered model kind: only its own presets
+    if named is None:  # another model kind: only its own presets
         return config_class.from_name(name, **fields)
     if name in named:
         return config_class.from_name(name, **fields)

@@ -9,13 +9,18 @@ row of D_y and E is read once, nothing is allocated per row. They compute the sa
 different order) and are tested against the torch versions.
 
 Built with torch.utils.cpp_extension (needs a C++ compiler; ~30 s the first time, then cached
-in the torch extensions directory). `available()` says whether they can be used; nothing falls
-back silently: the engine uses them only when asked (`DecodeOptions(kernels="cpp")`).
+in the torch extensions directory). `available()` says whether they can be used: False without a
+compiler, an error with the compiler's message when a present compiler fails to build them. Nothing
+falls back silently: the engine uses them only when asked (`DecodeOptions(kernels="cpp")`).
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+import sysconfig
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
@@ -240,13 +245,28 @@ def _module() -> Any:
     )
 
 
+def missing_toolchain() -> str | None:
+    """Why the kernels cannot be built here (no C++ compiler or no Python headers), or None."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}) on PATH"
+    headers = Path(sysconfig.get_paths()["include"], "Python.h")
+    if not headers.is_file():
+        return f"no Python headers ({headers})"
+    return None
+
+
 @functools.cache
 def available() -> bool:
-    """True when the kernels compile and load here (the first call may take a minute)."""
-    try:
-        _module()
-    except Exception:  # no compiler, no headers: the torch path is always there
+    """True when the kernels compile and load here (the first call may take a minute).
+
+    False only where the toolchain is missing (`missing_toolchain`). With a toolchain present, a
+    build that fails is a defect of the kernels, not an absence: it raises, with the compiler's
+    message, instead of quietly falling back.
+    """
+    if missing_toolchain() is not None:
         return False
+    _module()
     return True
 
 

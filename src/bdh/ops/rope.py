@@ -34,9 +34,20 @@ def frequencies(N: int, theta: float = ROPE_THETA, dtype: torch.dtype = torch.fl
     return 1.0 / (theta ** (paired / N)) / (2 * math.pi)
 
 
+def phase_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of positions and phases: float32 at least, whatever the model's dtype.
+
+    In bf16 the integer 257 is 256 and a frequency keeps 8 bits, so t · freq would be off by whole
+    turns at long contexts; float64 stays float64.
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
 def cos_sin(freqs: Tensor, offset: int, T: int) -> tuple[Tensor, Tensor]:
-    """cos and sin of the angles at positions offset .. offset+T−1, each (T, N)."""
+    """cos and sin of the angles at positions offset .. offset+T−1, each (T, N), in at least
+    float32 (`phase_dtype`): callers cast them to their activations' dtype."""
     freqs = freqs.reshape(-1)
+    freqs = freqs.to(phase_dtype(freqs.dtype))
     t = torch.arange(offset, offset + T, device=freqs.device, dtype=freqs.dtype)
     turns = t[:, None] * freqs  # (T, N) — the product every form shares
     angles = (turns % 1) * (2 * math.pi)
