@@ -217,8 +217,8 @@ def _train(args: argparse.Namespace) -> int:
         else TrainConfig(out=given.get("out", DEFAULTS.out))
     )
     result = train(cfg, resume=args.resume, overrides=given, progress=_bar(args.no_progress))
-    if result.status == "interrupted":
-        return EXIT_INTERRUPTED
+    if result.status == "interrupted":  # 128 + the signal, as the shell reports it
+        return 128 + result.signal if result.signal else EXIT_INTERRUPTED
     print(f"[train] done at step {result.step}; checkpoint {result.checkpoint}")
     return 0
 

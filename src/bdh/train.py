@@ -14,6 +14,7 @@ A run directory holds `checkpoint/` (the latest checkpoint) and `metrics.jsonl`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -41,6 +42,7 @@ from bdh.checkpoint import (
     RUN_SUBDIR,
     Checkpoint,
     CheckpointError,
+    check_fits_in_memory,
     load_checkpoint,
     model_kind,
     save_checkpoint,
@@ -50,8 +52,13 @@ from bdh.tokenizer import KINDS as TOKENIZER_KINDS
 from bdh.tokenizer import Tokenizer, train_tokenizer
 
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".lock"  # held by the process training into the run directory (see run_lock)
 _TORCH_THREADS = torch.get_num_threads()  # torch's default, before anyone changes it
 DECAYS = ("cosine", "linear", "constant")
+
+
+class RunLocked(ValueError):
+    """Another live process is training into the same run directory."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -326,6 +333,7 @@ class TrainResult:
     checkpoint: Path | None
     last_loss: float | None
     val: EvalResult | None
+    signal: int | None = None  # what interrupted the run: SIGINT (Ctrl-C) or SIGTERM
 
 
 @dataclass
@@ -408,6 +416,7 @@ def _new_run(cfg: TrainConfig, log: Callable[[str], None]) -> _Run:
     resolve_model_config(cfg, 256)  # a bad preset or config file fails before data is read
     tokenizer, train_tokens, val_tokens = _prepare_data(cfg, None, log)
     model_config = resolve_model_config(cfg, tokenizer.vocab_size)
+    check_fits_in_memory(model_config, "the model config", copies=4)  # weights, grads, AdamW
     _seed_everything(cfg.seed)
     model = model_kind(cfg.model).build(model_config)
     sampler = bdh_data.make_batches(
@@ -426,7 +435,9 @@ def _resumed_run(cfg: TrainConfig, overrides: dict[str, Any], log: Callable[[str
         raise CheckpointError(
             f"{ckpt.path} holds no training settings (not written by `bdh train`): cannot resume"
         )
-    cfg = TrainConfig.from_dict({**ckpt.meta["train"], **overrides})
+    # The run directory is the one resumed from: a path saved inside a checkpoint (which may come
+    # from anyone) never decides where this run writes.
+    cfg = _settings(ckpt, {**ckpt.meta["train"], **overrides, "out": cfg.out})
     tokenizer, train_tokens, val_tokens = _prepare_data(cfg, ckpt.tokenizer, log)
     sampler = bdh_data.make_batches(
         cfg.batches, train_tokens, cfg.batch_size, cfg.block_size, cfg.seed
@@ -436,9 +447,19 @@ def _resumed_run(cfg: TrainConfig, overrides: dict[str, Any], log: Callable[[str
         cfg, ckpt.model, ckpt.config, tokenizer, optimizer, sampler, train_tokens, val_tokens,
         stepper=distributed.Stepper(ckpt.model, cfg),
     )  # fmt: skip
-    _restore_training(run, ckpt)
+    try:
+        _restore_training(run, ckpt)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"the training state in {ckpt.path} is malformed: {e!r}") from None
     log(f"[train] resumed {cfg.out} at step {run.step}")
     return run
+
+
+def _settings(ckpt: Checkpoint, settings: dict[str, Any]) -> TrainConfig:
+    try:
+        return TrainConfig.from_dict(settings)
+    except TypeError as e:
+        raise CheckpointError(f"{ckpt.path}: malformed training settings: {e}") from None
 
 
 def _seed_everything(seed: int) -> None:
@@ -542,11 +563,14 @@ class _MetricsLog:
         self._file.close()
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what schedulers send
+
+
 @contextmanager
-def _stop_on_sigint() -> Iterator[dict[str, bool]]:
-    """The first Ctrl-C asks the loop to save and stop after the current step; a second one
-    interrupts at once. Signal handlers can only be set from the main thread."""
-    flag = {"stop": False}
+def _stop_on_signals() -> Iterator[dict[str, Any]]:
+    """The first Ctrl-C or SIGTERM asks the loop to save and stop after the current step; a
+    second one interrupts at once. Signal handlers can only be set from the main thread."""
+    flag: dict[str, Any] = {"stop": False, "signal": None}
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
@@ -554,13 +578,44 @@ def _stop_on_sigint() -> Iterator[dict[str, bool]]:
     def handler(signum: int, frame: Any) -> None:
         if flag["stop"]:
             raise KeyboardInterrupt
-        flag["stop"] = True
+        flag["stop"], flag["signal"] = True, signum
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler_before in previous.items():
+            signal.signal(sig, handler_before)
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Own `run_dir` for this process: a second training into it is refused with a message.
+
+    An advisory lock (flock) on RUN/.lock: the kernel releases it when the process ends, however
+    it ends, so a crashed or killed run never leaves a stale lock behind.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): runs are not guarded
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise RunLocked(
+                f"{run_dir} is in use by another `bdh train` (pid {owner}); wait for it to"
+                " finish or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def train(
@@ -576,7 +631,19 @@ def train(
         cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))
     if not distributed.world().is_main:  # rank 0 speaks for the run
         log, progress = _quiet, False
-    run = _resumed_run(cfg, overrides or {}, log) if resume else _new_run(cfg, log)
+    owner = run_lock(Path(cfg.out)) if distributed.world().is_main else contextlib.nullcontext()
+    with owner:
+        return _train_owned(cfg, resume, overrides or {}, progress, log)
+
+
+def _train_owned(
+    cfg: TrainConfig,
+    resume: bool,
+    overrides: dict[str, Any],
+    progress: bool,
+    log: Callable[[str], None],
+) -> TrainResult:
+    run = _resumed_run(cfg, overrides, log) if resume else _new_run(cfg, log)
     _check_data(run)
     torch.set_num_threads(choose_threads(run.cfg.threads, log))  # the resumed run's setting
     log(f"[train] model {run.cfg.model}: {_num_params(run.model):,} parameters")
@@ -588,7 +655,7 @@ def train(
         else distributed.NullLog()
     )
     try:
-        with _stop_on_sigint() as flag:
+        with _stop_on_signals() as flag:
             return _loop(run, metrics, flag, progress, log)
     finally:
         metrics.close()
@@ -650,7 +717,7 @@ def _loop(
         if flag["stop"]:
             bar.close()
             say(f"[train] interrupted at step {run.step}; saved {ckpt}; continue with --resume")
-            return TrainResult("interrupted", run.step, ckpt, loss, val)
+            return TrainResult("interrupted", run.step, ckpt, loss, val, flag.get("signal"))
     bar.close()
     if ckpt is None:  # nothing left to do (resumed at max_steps)
         ckpt = run.run_dir / RUN_SUBDIR
