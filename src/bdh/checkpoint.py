@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -343,9 +344,16 @@ def _load_weights(path: Path, model: nn.Module, sha256: str | None, map_location
         tensors = load_file(str(file), device=map_location)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # RuntimeError: vanished
         raise CheckpointError(f"{file} is corrupt or truncated: {e}") from None
+    if not isinstance(aliases, dict) or not all(
+        isinstance(target, str) and target in tensors for target in aliases.values()
+    ):
+        raise CheckpointError(f"{file} has malformed aliases in its metadata")
     for name, target in aliases.items():
         tensors[name] = tensors[target]
     _check_shapes(path, model.state_dict(), tensors)
+    for name, t in tensors.items():  # a flipped exponent bit must not reach the sampler
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{file} holds non-finite values (NaN or inf) in {name}")
     model.load_state_dict(tensors, strict=True)
 
 
@@ -370,9 +378,9 @@ def _read_training(path: Path) -> dict[str, Any]:
     try:
         obj = json.loads(_read_bounded(json_file))
         tensors = load_file(str(tensor_file))
-    except (SafetensorError, OSError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"training state in {path} is unreadable: {e}") from None
-    return _join_tensors(obj, tensors)
+        return _join_tensors(obj, tensors)
+    except (SafetensorError, OSError, ValueError, RecursionError, LookupError, TypeError) as e:
+        raise CheckpointError(f"training state in {path} is unreadable: {e!r}") from None
 
 
 def _sha256(path: Path) -> str:

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from bdh.baseline.presets import LADDER, QUICK_LADDER
 from bdh.data import NAMED_CORPORA
@@ -386,8 +387,17 @@ def _experiment(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- main
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line and exit code 1 like every other mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(
+            EXIT_ERROR, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bdh", description="BDH (Baby Dragon Hatchling): train, sample and evaluate."
     )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")

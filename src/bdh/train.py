@@ -490,12 +490,25 @@ def _restore_training(run: _Run, ckpt: Checkpoint) -> None:
     run.step, run.tokens_seen, run.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
     run.sampler.load_state_dict(state["data"])
     run.optimizer.load_state_dict(state["optimizer"])
+    _check_optimizer_state(run.optimizer)
     version, internal, gauss = state["rng"]["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, *rest = state["rng"]["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["rng"]["torch"])
     run.stepper.load_state_dict(state.get("stepper", {}))
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Moments shaped like their parameters: a damaged state must fail here, not mid-step."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, Tensor) and value.dim() and value.shape != p.shape:
+                    raise ValueError(
+                        f"optimizer {name} has shape {tuple(value.shape)},"
+                        f" its parameter {tuple(p.shape)}"
+                    )
 
 
 def _save(run: _Run) -> Path:
@@ -551,7 +564,7 @@ class _MetricsLog:
         kept = []
         if resume_step and path.is_file():
             kept = [ln for ln in path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in kept if json.loads(ln)["step"] <= resume_step]
+            kept = [ln for ln in kept if _record_step(ln) <= resume_step]
         path.write_text("".join(ln + "\n" for ln in kept))
         self._file = open(path, "a")  # noqa: SIM115 - open for the whole run
 
@@ -564,6 +577,14 @@ class _MetricsLog:
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what schedulers send
+
+
+def _record_step(line: str) -> float:
+    """The step of a metrics record; a line torn by a crash or a full disk counts as past."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 @contextmanager
