@@ -308,11 +308,7 @@ def evaluate_checkpoint(
         raise bdh_data.DataError("the checkpoint does not name its data; pass --data SOURCE")
     if split is None:
         split = "all" if data is not None and Path(data).is_file() else "val"
-    corpus = bdh_data.load_corpus(source)
-    text = corpus.split(split)
-    if not text:
-        raise bdh_data.DataError(f"the {split} split of {source} is empty")
-    tokens = bdh_data.tokenize_cached(text, ckpt.tokenizer)
+    tokens = bdh_data.tokenize_split(source, split, ckpt.tokenizer)  # a file streams
     bdh_data.check_tokens(tokens, 1, ckpt.config.vocab_size, f"the {split} split of {source}")
     if max_tokens is not None:
         tokens = tokens[: max_tokens + 1]  # max_tokens targets, each with its context
