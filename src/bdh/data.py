@@ -264,7 +264,7 @@ def tokenize_cached(data: bytes, tokenizer: Tokenizer, cache: Path | None = None
 
 # ---------------------------------------------------------------------------- large files
 
-CHUNK_BYTES = 16 * 2**20  # a large file is read, hashed and tokenised this many bytes at a time
+CHUNK_BYTES = 4 * 2**20  # a large file is read, hashed and tokenised this many bytes at a time
 
 
 class TokenFile:

@@ -485,8 +485,7 @@ def _restore_training(run: _Run, ckpt: Checkpoint) -> None:
     state = ckpt.training
     run.step, run.tokens_seen, run.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
     run.sampler.load_state_dict(state["data"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    _check_optimizer_state(run.optimizer)
+    _load_optimizer(run.optimizer, state["optimizer"])
     version, internal, gauss = state["rng"]["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, *rest = state["rng"]["numpy"]
@@ -495,16 +494,34 @@ def _restore_training(run: _Run, ckpt: Checkpoint) -> None:
     run.stepper.load_state_dict(state.get("stepper", {}))
 
 
-def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Moments shaped like their parameters: a damaged state must fail here, not mid-step."""
-    for group in optimizer.param_groups:
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a saved optimizer state that must look like the fresh one: the same kinds of
+    settings and, for every parameter, tensors shaped like it (a damaged state fails here with
+    a message, not in the middle of a step)."""
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, before in zip(optimizer.param_groups, fresh, strict=True):
+        for key, value in before.items():
+            if not _same_kind(group.get(key), value):
+                raise ValueError(f"optimizer setting {key} is {group.get(key)!r}")
         for p in group["params"]:
             for name, value in optimizer.state.get(p, {}).items():
-                if isinstance(value, Tensor) and value.dim() and value.shape != p.shape:
-                    raise ValueError(
-                        f"optimizer {name} has shape {tuple(value.shape)},"
-                        f" its parameter {tuple(p.shape)}"
-                    )
+                if not isinstance(value, Tensor) or (value.dim() and value.shape != p.shape):
+                    raise ValueError(f"optimizer {name} does not match its parameter {p.shape}")
+
+
+def _same_kind(a: Any, b: Any) -> bool:
+    """Both numbers, both sequences of the same length and kinds, or the same type."""
+    number = (int, float)
+    if isinstance(b, number) and not isinstance(b, bool):
+        return isinstance(a, number) and not isinstance(a, bool)
+    if isinstance(b, (list, tuple)):
+        return (
+            isinstance(a, (list, tuple))
+            and len(a) == len(b)
+            and all(_same_kind(x, y) for x, y in zip(a, b, strict=True))
+        )
+    return type(a) is type(b)
 
 
 def _save(run: _Run) -> Path:
