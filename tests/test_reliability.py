@@ -25,7 +25,7 @@ from bdh import BDH, BDHConfig
 from bdh import checkpoint as ckpt_mod
 from bdh.baseline.gpt import GPT, GPTConfig
 from bdh.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from bdh.cli import main
+from bdh.cli import DEFAULTS, main
 from bdh.tokenizer import ByteTokenizer
 from bdh.train import run_lock
 from conftest import REPO, synthetic_text
@@ -181,20 +181,31 @@ def test_a_pipe_or_device_in_a_checkpoint_does_not_hang_the_reader(saved):
         load_checkpoint(saved)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_on_load(tmp_path, bad):
+    model = _tiny()
+    with torch.no_grad():
+        model.encoder.view(-1)[7] = bad  # e.g. a flipped exponent bit in a stranger's file
+    save_checkpoint(tmp_path / "ck", model, "bdh", ByteTokenizer())
+    with pytest.raises(CheckpointError, match="non-finite values .* in encoder"):
+        load_checkpoint(tmp_path / "ck")
+
+
 def test_an_oversized_config_json_is_refused_without_parsing(saved, monkeypatch):
     monkeypatch.setattr(ckpt_mod, "MAX_JSON_BYTES", 100)
     with pytest.raises(CheckpointError, match="larger than"):
         load_checkpoint(saved)
 
 
-def test_a_run_directory_named_inside_a_checkpoint_is_never_written(tmp_path, capsys):
-    data, run, elsewhere = tmp_path / "text.txt", tmp_path / "run", tmp_path / "elsewhere"
-    data.write_text(synthetic_text(4000))
-    assert main(_train(data, run, "--max-steps", "2")) == 0
+def test_a_run_directory_named_inside_a_checkpoint_is_never_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # `--resume` without --out resumes the default run directory
+    run, elsewhere = Path(DEFAULTS.out), tmp_path / "elsewhere"
+    Path("text.txt").write_text(synthetic_text(4000))
+    assert main(_train(Path("text.txt"), run, "--max-steps", "2")) == 0
     config = json.loads((run / "checkpoint" / "config.json").read_text())
     config["meta"]["train"]["out"] = str(elsewhere)  # a hostile or stale path
     (run / "checkpoint" / "config.json").write_text(json.dumps(config))
-    assert main(["train", "--resume", "--out", str(run), "--max-steps", "3"]) == 0
+    assert main(["train", "--resume", "--max-steps", "3"]) == 0
     assert not elsewhere.exists()
     assert load_checkpoint(run, training=True).training["step"] == 3
 
