@@ -187,7 +187,7 @@ def test_non_finite_weights_are_refused_on_load(tmp_path, bad):
     with torch.no_grad():
         model.encoder.view(-1)[7] = bad  # e.g. a flipped exponent bit in a stranger's file
     save_checkpoint(tmp_path / "ck", model, "bdh", ByteTokenizer())
-    with pytest.raises(CheckpointError, match="non-finite values .* in encoder"):
+    with pytest.raises(CheckpointError, match=r"non-finite values .* in encoder"):
         load_checkpoint(tmp_path / "ck")
 
 
