@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bdh.cli import main
@@ -270,6 +270,7 @@ SMALL = st.integers(-5, 8).map(str)  # counts that would otherwise run for long 
     tokens=SMALL,
     prompt=TEXT,
 )
+@example(kind="gpt", options={}, tokens="0", prompt="\udc80")  # found: BPE took no surrogates
 def test_fuzz_sample_arguments(runs, kind, options, tokens, prompt):
     if "--max-new-tokens" in options and not _small(options["--max-new-tokens"]):
         options["--max-new-tokens"] = tokens
@@ -381,6 +382,7 @@ def test_fuzz_malformed_data_files(runs, scratch, verb, tokenizer, data):
     "argv",
     [
         ["sample", "--ckpt", "{bdh}", "--prompt", "\udcff\udcfe", "--max-new-tokens", "2"],
+        ["sample", "--ckpt", "{gpt}", "--prompt", "caf\udcc3", "--max-new-tokens", "2"],
         ["eval", "--ckpt", "{gpt}", "--batch-size", "-3"],
     ],
 )

@@ -318,7 +318,9 @@ def _sample(args: argparse.Namespace) -> int:
     check_sampling(args.temperature, args.top_k, args.top_p)
     torch.set_num_threads(choose_threads())
     ckpt = load_checkpoint(args.ckpt)
-    idx = torch.from_numpy(ckpt.tokenizer.encode(args.prompt or "\n").astype("int64"))[None]
+    # The prompt's own bytes: bytes that are not UTF-8 reach argv as surrogate escapes.
+    prompt = os.fsencode(args.prompt or "\n")
+    idx = torch.from_numpy(ckpt.tokenizer.encode(prompt).astype("int64"))[None]
     generator = torch.Generator().manual_seed(args.seed)
     ckpt.model.eval()
     tokens = stream(
@@ -326,7 +328,7 @@ def _sample(args: argparse.Namespace) -> int:
     )
     pieces = decode_stream(ckpt.tokenizer, (int(t[0, 0]) for t in tokens))
     first = next(pieces, "")  # errors surface before anything is printed
-    sys.stdout.write(args.prompt + first)
+    sys.stdout.write(os.fsencode(args.prompt).decode("utf-8", "replace") + first)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
