@@ -14,7 +14,7 @@ import pytest
 from bdh import data as bdh_data
 from bdh.cli import main
 from bdh.tokenizer import BPETokenizer, ByteTokenizer
-from bdh.train import evaluate_checkpoint
+from bdh.train import TrainConfig, _prepare_data, evaluate_checkpoint
 from conftest import REPO, synthetic_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,6 +66,18 @@ def test_evaluating_a_file_in_pieces_equals_evaluating_it_whole(tmp_path, monkey
     assert streamed == whole
 
 
+def test_training_on_a_file_reads_the_tokens_of_its_whole_text(tmp_path, monkeypatch):
+    data = tmp_path / "text.txt"
+    data.write_text(synthetic_text(6000))
+    monkeypatch.setattr(bdh_data, "CHUNK_BYTES", 101)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"))
+    _, train_tokens, val_tokens = _prepare_data(cfg, None, lambda line: None)
+    assert isinstance(train_tokens, bdh_data.TokenFile)  # streamed, not read whole
+    corpus = bdh_data.load_corpus(str(data))
+    for streamed, text in [(train_tokens, corpus.train), (val_tokens, corpus.val)]:
+        np.testing.assert_array_equal(np.asarray(streamed), ByteTokenizer().encode(text))
+
+
 # ---------------------------------------------------------------- peak memory, in a real process
 
 PEAK = """
@@ -87,13 +99,12 @@ def write_text_file(path: Path, size: int) -> None:
             f.write(piece[i % 997 :] + piece[: i % 997])  # shifted so blocks differ
 
 
-def peak_rss_of_eval(run: Path, data: Path, cache: Path, max_tokens: int) -> int:
-    """Peak resident memory (bytes) of `bdh eval` on `data` in a fresh process."""
+def peak_rss(argv: list[str], cache: Path) -> int:
+    """Peak resident memory (bytes) of `bdh argv` in a fresh process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     env["BDH_CACHE"] = str(cache)
-    argv = ["eval", "--ckpt", str(run), "--data", str(data), "--max-tokens", str(max_tokens)]
     done = subprocess.run(
-        [sys.executable, "-c", PEAK, *argv, "--json"], capture_output=True, text=True, env=env
+        [sys.executable, "-c", PEAK, *argv], capture_output=True, text=True, env=env
     )
     assert done.returncode == 0, done.stderr
     return int(done.stdout.split("peak_kib")[1]) * 1024
@@ -107,7 +118,15 @@ def test_peak_memory_of_evaluating_a_300_mb_file_does_not_grow_with_its_size(tmp
     small, big = tmp_path / "small.txt", tmp_path / "big.txt"
     write_text_file(small, 3 * 2**20)
     write_text_file(big, 300 * 2**20)
-    peaks = {f: peak_rss_of_eval(run, f, tmp_path / "cache", 20_000) for f in (small, big)}
-    print(f"\n[large] peak RSS: 3 MiB file {peaks[small] / 2**20:.0f} MiB,"
-          f" 300 MiB file {peaks[big] / 2**20:.0f} MiB")  # fmt: skip
-    assert peaks[big] - peaks[small] < 64 * 2**20  # the file is 300 MiB, its tokens 600 MiB
+    peaks = {}
+    for f in (small, big):
+        evaluate = ["eval", "--ckpt", str(run), "--data", str(f), "--max-tokens", "20000"]
+        train = ["train", "--data", str(f), "--out", str(tmp_path / f"run-{f.stem}"), *TINY]
+        peaks[f] = [peak_rss(argv, tmp_path / "cache") for argv in (evaluate, train)]
+    print(
+        f"\n[large] peak RSS of eval, train: 3 MiB file {peaks[small][0] / 2**20:.0f},"
+        f" {peaks[small][1] / 2**20:.0f} MiB; 300 MiB file {peaks[big][0] / 2**20:.0f},"
+        f" {peaks[big][1] / 2**20:.0f} MiB"
+    )
+    for grown in np.subtract(peaks[big], peaks[small]):
+        assert grown < 64 * 2**20  # the file is 300 MiB, its tokens 600 MiB

@@ -277,8 +277,9 @@ class TokenFile:
 
     def __init__(self, path: Path, dtype: np.dtype, start: int = 0, length: int | None = None):
         self.path, self.dtype, self.start = Path(path), np.dtype(dtype), start
-        total = self.path.stat().st_size // self.dtype.itemsize
-        self.length = total - start if length is None else length
+        if length is None:
+            length = self.path.stat().st_size // self.dtype.itemsize - start
+        self.length = length
 
     def __len__(self) -> int:
         return self.length
@@ -374,10 +375,17 @@ def _safe_cut(data: bytes) -> int:
             return i + 1
 
 
+def is_file_source(source: str) -> bool:
+    """A single data file (it splits by bytes and streams); else a folder or named corpus."""
+    return source not in NAMED_CORPORA and Path(source).expanduser().is_file()
+
+
 def tokenize_split(source: str, split: str, tokenizer: Tokenizer) -> np.ndarray | TokenFile:
     """Tokens of a split of `source`; a single file is streamed (see `tokenize_file`)."""
-    path = Path(source).expanduser()
-    if source not in NAMED_CORPORA and path.is_file():
+    if is_file_source(source):
+        path = Path(source).expanduser()
+        if path.stat().st_size == 0:
+            raise DataError(f"data file {path} is empty")
         start, end = file_split_range(path, split)
         if end <= start:
             raise DataError(f"the {split} split of {source} is empty")

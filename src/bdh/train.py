@@ -342,8 +342,8 @@ class _Run:
     tokenizer: Tokenizer
     optimizer: torch.optim.Optimizer
     sampler: bdh_data.RandomBatches | bdh_data.StreamBatches
-    train_tokens: np.ndarray
-    val_tokens: np.ndarray
+    train_tokens: np.ndarray | bdh_data.TokenFile
+    val_tokens: np.ndarray | bdh_data.TokenFile
     step: int = 0
     tokens_seen: int = 0
     elapsed: float = 0.0
@@ -378,6 +378,17 @@ def _read_json_object(path: str) -> dict[str, Any]:
 def _prepare_data(
     cfg: TrainConfig, tokenizer: Tokenizer | None, log: Callable[[str], None]
 ) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
+    if tokenizer is None and cfg.tokenizer == "bytes":
+        tokenizer = train_tokenizer("bytes", [])
+    if tokenizer is not None and bdh_data.is_file_source(cfg.data):
+        # A single file streams from disk: a multi-gigabyte file is never held in memory.
+        train_tokens = bdh_data.tokenize_split(cfg.data, "train", tokenizer)
+        val_tokens = bdh_data.tokenize_split(cfg.data, "val", tokenizer)
+        log(
+            f"[data] {cfg.data}: train {len(train_tokens):,} tokens (1 docs),"
+            f" val {len(val_tokens):,} tokens ({cfg.data})"
+        )
+        return tokenizer, train_tokens, val_tokens
     corpus = bdh_data.load_corpus(cfg.data)
     if tokenizer is None:
         tokenizer = train_tokenizer(
