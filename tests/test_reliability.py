@@ -160,6 +160,20 @@ def test_a_huge_config_is_refused_by_the_cli(saved, tmp_path, capsys):
     _one_line_error(capsys, code, "refusing to allocate")
 
 
+def test_weights_larger_than_their_config_are_refused_before_reading(saved, monkeypatch):
+    bigger = BDH(BDHConfig.from_name("tiny", mlp_internal_dim_multiplier=64))
+    save_checkpoint(saved.parent / "big", bigger, "bdh", ByteTokenizer())
+    (saved / "model.safetensors").write_bytes((saved.parent / "big/model.safetensors").read_bytes())
+    config = json.loads((saved / "config.json").read_text())
+    del config["weights_sha256"]  # as a stranger would
+    (saved / "config.json").write_text(json.dumps(config))
+    reads = []
+    monkeypatch.setattr(ckpt_mod, "load_file", lambda *a, **k: reads.append(a))
+    with pytest.raises(CheckpointError, match=r"has shape .* in the weights"):
+        load_checkpoint(saved)
+    assert reads == []  # judged from the header alone
+
+
 @pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
 def test_files_that_lead_out_of_the_checkpoint_are_refused(saved, tmp_path, name):
     outside = tmp_path / "outside"

@@ -338,35 +338,44 @@ def _load_weights(path: Path, model: nn.Module, sha256: str | None, map_location
     file = checked_file(path, WEIGHTS_FILE)
     if sha256 is not None and _sha256(file) != sha256:
         raise CheckpointError(f"{file} is corrupt or truncated (its checksum does not match)")
+    corrupt = (SafetensorError, OSError, ValueError, RuntimeError)  # RuntimeError: vanished
     try:
         with safe_open(str(file), framework="pt") as f:
             aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-        tensors = load_file(str(file), device=map_location)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # RuntimeError: vanished
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except corrupt as e:
         raise CheckpointError(f"{file} is corrupt or truncated: {e}") from None
     if not isinstance(aliases, dict) or not all(
-        isinstance(target, str) and target in tensors for target in aliases.values()
+        isinstance(target, str) and target in shapes for target in aliases.values()
     ):
         raise CheckpointError(f"{file} has malformed aliases in its metadata")
+    shapes |= {name: shapes[target] for name, target in aliases.items()}
+    # From the header alone: a file holding more than its config says is refused, not read.
+    _check_shapes(path, model.state_dict(), shapes)
+    try:
+        tensors = load_file(str(file), device=map_location)
+    except corrupt as e:
+        raise CheckpointError(f"{file} is corrupt or truncated: {e}") from None
     for name, target in aliases.items():
         tensors[name] = tensors[target]
-    _check_shapes(path, model.state_dict(), tensors)
     for name, t in tensors.items():  # a flipped exponent bit must not reach the sampler
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{file} holds non-finite values (NaN or inf) in {name}")
     model.load_state_dict(tensors, strict=True)
 
 
-def _check_shapes(path: Path, expected: dict[str, Tensor], found: dict[str, Tensor]) -> None:
+def _check_shapes(
+    path: Path, expected: dict[str, Tensor], found: dict[str, tuple[int, ...]]
+) -> None:
     where = f"{path / CONFIG_FILE} does not match {WEIGHTS_FILE}"
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{where}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for name, t in expected.items():
-        if tuple(found[name].shape) != tuple(t.shape):
+        if found[name] != tuple(t.shape):
             raise CheckpointError(
-                f"{where}: {name} has shape {tuple(found[name].shape)} in the weights"
+                f"{where}: {name} has shape {found[name]} in the weights"
                 f" but {tuple(t.shape)} from the config"
             )
 
