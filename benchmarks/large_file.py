@@ -5,6 +5,8 @@ For each size a text file is generated in a scratch directory (deleted afterward
 and tokenises the whole file (streamed, `bdh.data.tokenize_file`) and scores its first N tokens;
 a second run finds the tokens cached. Peak resident memory (ru_maxrss) of each run is recorded.
 
+With --train, `bdh train --data FILE --max-steps 2` is measured the same way.
+
 Control: the same file read and tokenised whole (`load_corpus` + `tokenize_cached`, the path a
 folder or a named corpus takes), which shows that the measurement sees file-sized memory.
 
@@ -80,11 +82,21 @@ def eval_run(run: Path, data: Path, max_tokens: int) -> dict:
     return result
 
 
+def train_run(data: Path, out: Path) -> dict:
+    """`bdh train` for 2 steps on the file: streams its tokens too."""
+    argv = ["train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--max-steps"]
+    argv += ["2", "--batch-size", "4", "--block-size", "64", "--eval-batches", "1"]
+    result = run_isolated(["-c", EVAL, *argv, "--threads", "1", "--no-progress"], timeout=3600)
+    assert result["code"] == 0, result
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes-mb", default="100,500,2048", help="file sizes in MiB")
     p.add_argument("--max-tokens", type=int, default=100_000, help="tokens scored per file")
     p.add_argument("--control-mb", type=int, default=100, help="size of the whole-read control")
+    p.add_argument("--train", action="store_true", help="also measure `bdh train` on each file")
     p.add_argument("--workdir", default=None, help="scratch directory (default: a new /tmp dir)")
     p.add_argument("--out", default=str(RESULTS / "large_file.json"))
     args = p.parse_args()
@@ -106,6 +118,12 @@ def main() -> None:
             row = {"file_mib": mb, "first_s": first["seconds"], "cached_s": again["seconds"]}
             row |= {"peak_rss_mib": first["peak_rss"] / 2**20}
             row |= {"peak_rss_cached_mib": again["peak_rss"] / 2**20}
+            if args.train:
+                trained = train_run(file, work / f"run-{mb}")  # tokenises both splits again
+                row |= {
+                    "train_s": trained["seconds"],
+                    "train_peak_rss_mib": trained["peak_rss"] / 2**20,
+                }
             if mb == args.control_mb:
                 control = run_isolated(["-c", CONTROL, str(file)], timeout=3600)
                 row["control_whole_read_peak_rss_mib"] = control["peak_rss"] / 2**20
