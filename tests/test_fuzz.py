@@ -271,6 +271,7 @@ SMALL = st.integers(-5, 8).map(str)  # counts that would otherwise run for long 
     prompt=TEXT,
 )
 @example(kind="gpt", options={}, tokens="0", prompt="\udc80")  # found: BPE took no surrogates
+@example(kind="bdh", options={"--temperature": "4e-78"}, tokens="1", prompt="")  # found: NaN
 def test_fuzz_sample_arguments(runs, kind, options, tokens, prompt):
     if "--max-new-tokens" in options and not _small(options["--max-new-tokens"]):
         options["--max-new-tokens"] = tokens
