@@ -9,7 +9,9 @@ Resuming restores everything that decides the next step: weights, optimizer mome
 so the learning rate), the batch sampler's position and the Python, NumPy and torch RNG states.
 A resumed run therefore reproduces the uninterrupted run's losses exactly on the same machine.
 
-A run directory holds `checkpoint/` (the latest checkpoint) and `metrics.jsonl`.
+A run directory holds `checkpoint/` (the latest checkpoint), `metrics.jsonl` and `.lock`, which
+the training process holds (flock) so that a second training into the same directory is refused;
+the kernel drops the lock when its owner dies. SIGTERM, like Ctrl-C, saves and stops the run.
 """
 
 from __future__ import annotations
@@ -377,7 +379,7 @@ def _read_json_object(path: str) -> dict[str, Any]:
 
 def _prepare_data(
     cfg: TrainConfig, tokenizer: Tokenizer | None, log: Callable[[str], None]
-) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
+) -> tuple[Tokenizer, np.ndarray | bdh_data.TokenFile, np.ndarray | bdh_data.TokenFile]:
     if tokenizer is None and cfg.tokenizer == "bytes":
         tokenizer = train_tokenizer("bytes", [])
     if tokenizer is not None and bdh_data.is_file_source(cfg.data):
@@ -600,15 +602,15 @@ class _MetricsLog:
         self._file.close()
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what schedulers send
-
-
 def _record_step(line: str) -> float:
     """The step of a metrics record; a line torn by a crash or a full disk counts as past."""
     try:
         return float(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return math.inf
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what schedulers send
 
 
 @contextmanager
