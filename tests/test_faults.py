@@ -27,7 +27,7 @@ import torch
 
 from bdh.checkpoint import load_checkpoint
 from bdh.cli import main
-from conftest import REPO, synthetic_text
+from conftest import synthetic_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,7 +97,7 @@ def _moments(n: int, seed: int) -> list[tuple[str, int]]:
 
 
 def _run(kind: str, count: int, argv: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-c", DRIVER, kind, str(count), *argv],
         capture_output=True,

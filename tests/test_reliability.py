@@ -28,13 +28,13 @@ from bdh.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from bdh.cli import DEFAULTS, main
 from bdh.tokenizer import ByteTokenizer
 from bdh.train import run_lock
-from conftest import REPO, synthetic_text
+from conftest import synthetic_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["--preset", "tiny", "--batch-size", "4", "--block-size", "16", "--eval-batches", "2"]
 TINY += ["--threads", "1", "--no-progress"]
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _train(data: Path, out: Path, *extra: str) -> list[str]:

@@ -15,7 +15,7 @@ from bdh import data as bdh_data
 from bdh.cli import main
 from bdh.tokenizer import BPETokenizer, ByteTokenizer
 from bdh.train import TrainConfig, _prepare_data, evaluate_checkpoint
-from conftest import REPO, synthetic_text
+from conftest import synthetic_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,7 +101,7 @@ def write_text_file(path: Path, size: int) -> None:
 
 def peak_rss(argv: list[str], cache: Path) -> int:
     """Peak resident memory (bytes) of `bdh argv` in a fresh process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env["BDH_CACHE"] = str(cache)
     done = subprocess.run(
         [sys.executable, "-c", PEAK, *argv], capture_output=True, text=True, env=env

@@ -57,6 +57,8 @@ METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"  # held by the process training into the run directory (see run_lock)
 _TORCH_THREADS = torch.get_num_threads()  # torch's default, before anyone changes it
 DECAYS = ("cosine", "linear", "constant")
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+SEEDS = (-(2**63), 2**63)  # what torch.manual_seed accepts
 
 
 class RunLocked(ValueError):
@@ -132,6 +134,16 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.lr * max(1.0, self.weight_decay) <= FLOAT32_MAX:  # AdamW steps in float32
+            raise ConfigError(
+                f"lr ({self.lr!r}) and lr * weight_decay must stay within float32 range (3.4e38)"
+            )
+        if (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not SEEDS[0] <= self.seed < SEEDS[1]
+        ):
+            raise ConfigError(f"seed must be an integer in [-2**63, 2**63), got {self.seed!r}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
@@ -239,6 +251,8 @@ def evaluate(
     """
     if len(tokens) < 2:
         raise bdh_data.DataError(f"need at least 2 tokens to evaluate, got {len(tokens)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
     was_training = model.training
     model.eval()
     nbytes = torch.from_numpy(np.asarray(bytes_per_token, dtype=np.int64))
