@@ -224,6 +224,39 @@ def test_a_run_directory_named_inside_a_checkpoint_is_never_written(tmp_path, mo
     assert load_checkpoint(run, training=True).training["step"] == 3
 
 
+def _first_dict_with(obj, key: str):
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj
+        obj = list(obj.values())
+    for item in obj if isinstance(obj, list) else []:
+        found = _first_dict_with(item, key)
+        if found is not None:
+            return found
+    return None
+
+
+@pytest.mark.parametrize("damage", ["not a tensor", "another parameter's shape", "a setting"])
+def test_a_damaged_optimizer_state_is_refused_before_the_first_step(tmp_path, capsys, damage):
+    # Found by the long fuzz profile: a flipped byte in trainer_state.json once failed inside
+    # AdamW's step with a traceback.
+    data, run = tmp_path / "text.txt", tmp_path / "run"
+    data.write_text(synthetic_text(4000))
+    assert main(_train(data, run, "--max-steps", "2")) == 0
+    file = run / "checkpoint" / "trainer_state.json"
+    state = json.loads(file.read_text())
+    moments = _first_dict_with(state["optimizer"], "exp_avg")
+    if damage == "not a tensor":
+        moments["exp_avg"] = {"__tensoR__": moments["exp_avg"]["__tensor__"]}
+    elif damage == "another parameter's shape":
+        moments["exp_avg"] = moments["step"]  # a scalar in place of a (256, 32) moment
+    else:
+        state["optimizer"]["param_groups"][0]["eps"] = "1e-8"
+    file.write_text(json.dumps(state))
+    code = main(["train", "--resume", "--out", str(run), "--max-steps", "3"])
+    _one_line_error(capsys, code, "training state", "malformed")
+
+
 # ---------------------------------------------------------------- a full disk
 
 

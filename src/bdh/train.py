@@ -533,7 +533,8 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> 
                 raise ValueError(f"optimizer setting {key} is {group.get(key)!r}")
         for p in group["params"]:
             for name, value in optimizer.state.get(p, {}).items():
-                if not isinstance(value, Tensor) or (value.dim() and value.shape != p.shape):
+                shape = (1,) if name == "step" else tuple(p.shape)  # AdamW: a count, moments
+                if not isinstance(value, Tensor) or tuple(value.shape or (1,)) != shape:
                     raise ValueError(f"optimizer {name} does not match its parameter {p.shape}")
 
 
