@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from bdh.baseline.presets import LADDER, QUICK_LADDER
 from bdh.data import NAMED_CORPORA
@@ -217,8 +218,8 @@ def _train(args: argparse.Namespace) -> int:
         else TrainConfig(out=given.get("out", DEFAULTS.out))
     )
     result = train(cfg, resume=args.resume, overrides=given, progress=_bar(args.no_progress))
-    if result.status == "interrupted":
-        return EXIT_INTERRUPTED
+    if result.status == "interrupted":  # 128 + the signal, as the shell reports it
+        return 128 + result.signal if result.signal else EXIT_INTERRUPTED
     print(f"[train] done at step {result.step}; checkpoint {result.checkpoint}")
     return 0
 
@@ -320,7 +321,9 @@ def _sample(args: argparse.Namespace) -> int:
     check_sampling(args.temperature, args.top_k, args.top_p)
     torch.set_num_threads(choose_threads())
     ckpt = load_checkpoint(args.ckpt)
-    idx = torch.from_numpy(ckpt.tokenizer.encode(args.prompt or "\n").astype("int64"))[None]
+    # The prompt's own bytes: bytes that are not UTF-8 reach argv as surrogate escapes.
+    prompt = os.fsencode(args.prompt or "\n")
+    idx = torch.from_numpy(ckpt.tokenizer.encode(prompt).astype("int64"))[None]
     generator = torch.Generator().manual_seed(args.seed)
     ckpt.model.eval()
     tokens = stream(
@@ -328,7 +331,7 @@ def _sample(args: argparse.Namespace) -> int:
     )
     pieces = decode_stream(ckpt.tokenizer, (int(t[0, 0]) for t in tokens))
     first = next(pieces, "")  # errors surface before anything is printed
-    sys.stdout.write(args.prompt + first)
+    sys.stdout.write(os.fsencode(args.prompt).decode("utf-8", "replace") + first)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -549,8 +552,17 @@ def _inspect(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- main
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line and exit code 1 like every other mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(
+            EXIT_ERROR, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bdh", description="BDH (Baby Dragon Hatchling): train, sample and evaluate."
     )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")

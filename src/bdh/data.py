@@ -30,6 +30,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -317,6 +318,140 @@ def tokenize_cached(data: bytes, tokenizer: Tokenizer, cache: Path | None = None
         ids.tofile(tmp)
         os.replace(tmp, path)
     return np.memmap(path, dtype=dtype, mode="r")
+
+
+# ---------------------------------------------------------------------------- large files
+
+CHUNK_BYTES = 4 * 2**20  # a large file is read, hashed and tokenised this many bytes at a time
+
+
+class TokenFile:
+    """Token ids in a cache file, read from disk slice by slice (a memmap whose pages are not
+    kept): evaluating a multi-gigabyte file holds one batch of windows in memory, not the file.
+
+    Slicing gives another TokenFile; numpy reads the ids when it needs an array (`np.asarray`,
+    `np.stack`), so the evaluation and batch code treat it like the memmap of `tokenize_cached`.
+    """
+
+    def __init__(self, path: Path, dtype: np.dtype, start: int = 0, length: int | None = None):
+        self.path, self.dtype, self.start = Path(path), np.dtype(dtype), start
+        if length is None:
+            length = self.path.stat().st_size // self.dtype.itemsize - start
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key: slice) -> TokenFile:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("a TokenFile takes contiguous slices")
+        lo, hi, _ = key.indices(self.length)
+        return TokenFile(self.path, self.dtype, self.start + lo, max(0, hi - lo))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        offset = self.start * self.dtype.itemsize
+        ids = np.fromfile(self.path, dtype=self.dtype, count=self.length, offset=offset)
+        return ids if dtype is None else ids.astype(dtype)
+
+    def max(self) -> int:
+        step = CHUNK_BYTES // self.dtype.itemsize
+        return max(int(np.asarray(self[i : i + step]).max()) for i in range(0, self.length, step))
+
+
+def file_split_range(path: Path, split: str, fraction: float = VAL_FRACTION) -> tuple[int, int]:
+    """Byte range [start, end) of a split of a single file: the cut of `split_bytes`."""
+    size = path.stat().st_size
+    cut = int(size * (1 - fraction))
+    ranges = {"train": (0, cut), "val": (cut, size), "all": (0, size)}
+    if split not in ranges:
+        raise DataError(f"unknown split {split!r}; choose train, val or all")
+    return ranges[split]
+
+
+def tokenize_file(
+    path: Path,
+    tokenizer: Tokenizer,
+    start: int = 0,
+    end: int | None = None,
+    cache: Path | None = None,
+) -> TokenFile:
+    """Token ids of bytes [start, end) of a file, streamed: hashed and tokenised CHUNK_BYTES at a
+    time into the same cache as `tokenize_cached` (same key for the same bytes)."""
+    end = path.stat().st_size if end is None else end
+    if end <= start:
+        raise DataError("cannot tokenize an empty text")
+    digest = hashlib.sha256()
+    for chunk in _file_chunks(path, start, end, cut_anywhere=True):
+        digest.update(chunk)
+    key = digest.hexdigest()[:24] + "-" + tokenizer.fingerprint
+    directory = Path(cache or cache_dir()) / "tokens"
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    target = directory / f"{key}.{np.dtype(dtype).name}"
+    if not target.is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".tmp{os.getpid()}")
+        bytewise = tokenizer.kind == "bytes"
+        with open(tmp, "wb") as out:
+            for chunk in _file_chunks(path, start, end, cut_anywhere=bytewise):
+                np.asarray(tokenizer.encode(chunk), dtype=dtype).tofile(out)
+        os.replace(tmp, target)  # a reader never sees a half-written cache file
+    return TokenFile(target, dtype)
+
+
+def _file_chunks(path: Path, start: int, end: int, cut_anywhere: bool) -> Iterator[bytes]:
+    """Bytes [start, end) in pieces of about CHUNK_BYTES.
+
+    Unless `cut_anywhere` (byte tokens), a piece ends only after a newline that has no
+    whitespace on either side: BPE pre-tokenisation (GPT-2's rule) then isolates that newline
+    whichever way the text is cut, so the pieces' tokens are the whole text's tokens (tested).
+    """
+    with open(path, "rb") as f:
+        f.seek(start)
+        pending, left = b"", end - start
+        while left > 0 or pending:
+            block = f.read(min(CHUNK_BYTES, left)) if left > 0 else b""
+            left -= len(block)
+            pending += block
+            cut = len(pending) if cut_anywhere or left <= 0 else _safe_cut(pending)
+            if cut:
+                yield pending[:cut]
+                pending = pending[cut:]
+
+
+def _safe_cut(data: bytes) -> int:
+    """Length of the longest prefix ending in a newline with no whitespace beside it (0: none)."""
+    i = len(data) - 1
+    while True:
+        i = data.rfind(b"\n", 0, i)
+        if i <= 0:
+            return 0
+        if (
+            i + 1 < len(data)
+            and not data[i - 1 : i].isspace()
+            and not data[i + 1 : i + 2].isspace()
+        ):
+            return i + 1
+
+
+def is_file_source(source: str) -> bool:
+    """A single data file (it splits by bytes and streams); else a folder or named corpus."""
+    return source not in NAMED_CORPORA and Path(source).expanduser().is_file()
+
+
+def tokenize_split(source: str, split: str, tokenizer: Tokenizer) -> np.ndarray | TokenFile:
+    """Tokens of a split of `source`; a single file is streamed (see `tokenize_file`)."""
+    if is_file_source(source):
+        path = Path(source).expanduser()
+        if path.stat().st_size == 0:
+            raise DataError(f"data file {path} is empty")
+        start, end = file_split_range(path, split)
+        if end <= start:
+            raise DataError(f"the {split} split of {source} is empty")
+        return tokenize_file(path, tokenizer, start, end)
+    text = load_corpus(source).split(split)
+    if not text:
+        raise DataError(f"the {split} split of {source} is empty")
+    return tokenize_cached(text, tokenizer)
 
 
 def check_tokens(tokens: np.ndarray, block_size: int, vocab_size: int, what: str) -> None:

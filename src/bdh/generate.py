@@ -45,7 +45,11 @@ def sample_next(
     check_sampling(temperature, top_k, top_p)
     if top_k == 1:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    # Shifted so the largest logit is 0: a tiny temperature then sends the others to -inf
+    # instead of overflowing to inf - inf = NaN (softmax, top-k and top-p are shift-invariant);
+    # float64, because a temperature below float32's range would round to 0 and give 0 / 0.
+    logits = logits.double()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -9,11 +9,14 @@ Resuming restores everything that decides the next step: weights, optimizer mome
 so the learning rate), the batch sampler's position and the Python, NumPy and torch RNG states.
 A resumed run therefore reproduces the uninterrupted run's losses exactly on the same machine.
 
-A run directory holds `checkpoint/` (the latest checkpoint) and `metrics.jsonl`.
+A run directory holds `checkpoint/` (the latest checkpoint), `metrics.jsonl` and `.lock`, which
+the training process holds (flock) so that a second training into the same directory is refused;
+the kernel drops the lock when its owner dies. SIGTERM, like Ctrl-C, saves and stops the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -41,6 +44,7 @@ from bdh.checkpoint import (
     RUN_SUBDIR,
     Checkpoint,
     CheckpointError,
+    check_fits_in_memory,
     load_checkpoint,
     model_kind,
     save_checkpoint,
@@ -51,8 +55,15 @@ from bdh.tokenizer import KINDS as TOKENIZER_KINDS
 from bdh.tokenizer import Tokenizer, train_tokenizer
 
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".lock"  # held by the process training into the run directory (see run_lock)
 _TORCH_THREADS = torch.get_num_threads()  # torch's default, before anyone changes it
 DECAYS = ("cosine", "linear", "constant")
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+SEEDS = (-(2**63), 2**63)  # what torch.manual_seed accepts
+
+
+class RunLocked(ValueError):
+    """Another live process is training into the same run directory."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -124,6 +135,16 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.lr * max(1.0, self.weight_decay) <= FLOAT32_MAX:  # AdamW steps in float32
+            raise ConfigError(
+                f"lr ({self.lr!r}) and lr * weight_decay must stay within float32 range (3.4e38)"
+            )
+        if (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not SEEDS[0] <= self.seed < SEEDS[1]
+        ):
+            raise ConfigError(f"seed must be an integer in [-2**63, 2**63), got {self.seed!r}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
@@ -231,6 +252,8 @@ def evaluate(
     """
     if len(tokens) < 2:
         raise bdh_data.DataError(f"need at least 2 tokens to evaluate, got {len(tokens)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
     was_training = model.training
     model.eval()
     nbytes = torch.from_numpy(np.asarray(bytes_per_token, dtype=np.int64))
@@ -301,11 +324,7 @@ def evaluate_checkpoint(
         raise bdh_data.DataError("the checkpoint does not name its data; pass --data SOURCE")
     if split is None:
         split = "all" if data is not None and Path(data).is_file() else "val"
-    corpus = bdh_data.load_corpus(source)
-    text = corpus.split(split)
-    if not text:
-        raise bdh_data.DataError(f"the {split} split of {source} is empty")
-    tokens = bdh_data.tokenize_cached(text, ckpt.tokenizer)
+    tokens = bdh_data.tokenize_split(source, split, ckpt.tokenizer)  # a file streams
     bdh_data.check_tokens(tokens, 1, ckpt.config.vocab_size, f"the {split} split of {source}")
     if max_tokens is not None:
         tokens = tokens[: max_tokens + 1]  # max_tokens targets, each with its context
@@ -326,6 +345,7 @@ class TrainResult:
     checkpoint: Path | None
     last_loss: float | None
     val: EvalResult | None
+    signal: int | None = None  # what interrupted the run: SIGINT (Ctrl-C) or SIGTERM
 
 
 @dataclass
@@ -338,8 +358,8 @@ class _Run:
     tokenizer: Tokenizer
     optimizer: torch.optim.Optimizer
     sampler: bdh_data.RandomBatches | bdh_data.StreamBatches
-    train_tokens: np.ndarray
-    val_tokens: np.ndarray
+    train_tokens: np.ndarray | bdh_data.TokenFile
+    val_tokens: np.ndarray | bdh_data.TokenFile
     step: int = 0
     tokens_seen: int = 0
     elapsed: float = 0.0
@@ -373,7 +393,18 @@ def _read_json_object(path: str) -> dict[str, Any]:
 
 def _prepare_data(
     cfg: TrainConfig, tokenizer: Tokenizer | None, log: Callable[[str], None]
-) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
+) -> tuple[Tokenizer, np.ndarray | bdh_data.TokenFile, np.ndarray | bdh_data.TokenFile]:
+    if tokenizer is None and cfg.tokenizer == "bytes":
+        tokenizer = train_tokenizer("bytes", [])
+    if tokenizer is not None and bdh_data.is_file_source(cfg.data):
+        # A single file streams from disk: a multi-gigabyte file is never held in memory.
+        train_tokens = bdh_data.tokenize_split(cfg.data, "train", tokenizer)
+        val_tokens = bdh_data.tokenize_split(cfg.data, "val", tokenizer)
+        log(
+            f"[data] {cfg.data}: train {len(train_tokens):,} tokens (1 docs),"
+            f" val {len(val_tokens):,} tokens ({cfg.data})"
+        )
+        return tokenizer, train_tokens, val_tokens
     corpus = bdh_data.load_corpus(cfg.data)
     if tokenizer is None:
         tokenizer = train_tokenizer(
@@ -408,6 +439,7 @@ def _new_run(cfg: TrainConfig, log: Callable[[str], None]) -> _Run:
     resolve_model_config(cfg, 256)  # a bad preset or config file fails before data is read
     tokenizer, train_tokens, val_tokens = _prepare_data(cfg, None, log)
     model_config = resolve_model_config(cfg, tokenizer.vocab_size)
+    check_fits_in_memory(model_config, "the model config", copies=4)  # weights, grads, AdamW
     _seed_everything(cfg.seed)
     model = model_kind(cfg.model).build(model_config)
     sampler = bdh_data.make_batches(
@@ -426,7 +458,9 @@ def _resumed_run(cfg: TrainConfig, overrides: dict[str, Any], log: Callable[[str
         raise CheckpointError(
             f"{ckpt.path} holds no training settings (not written by `bdh train`): cannot resume"
         )
-    cfg = TrainConfig.from_dict({**ckpt.meta["train"], **overrides})
+    # The run directory is the one resumed from: a path saved inside a checkpoint (which may come
+    # from anyone) never decides where this run writes.
+    cfg = _settings(ckpt, {**ckpt.meta["train"], **overrides, "out": cfg.out})
     tokenizer, train_tokens, val_tokens = _prepare_data(cfg, ckpt.tokenizer, log)
     sampler = bdh_data.make_batches(
         cfg.batches, train_tokens, cfg.batch_size, cfg.block_size, cfg.seed
@@ -436,9 +470,19 @@ def _resumed_run(cfg: TrainConfig, overrides: dict[str, Any], log: Callable[[str
         cfg, ckpt.model, ckpt.config, tokenizer, optimizer, sampler, train_tokens, val_tokens,
         stepper=distributed.Stepper(ckpt.model, cfg),
     )  # fmt: skip
-    _restore_training(run, ckpt)
+    try:
+        _restore_training(run, ckpt)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"the training state in {ckpt.path} is malformed: {e!r}") from None
     log(f"[train] resumed {cfg.out} at step {run.step}")
     return run
+
+
+def _settings(ckpt: Checkpoint, settings: dict[str, Any]) -> TrainConfig:
+    try:
+        return TrainConfig.from_dict(settings)
+    except TypeError as e:
+        raise CheckpointError(f"{ckpt.path}: malformed training settings: {e}") from None
 
 
 def _seed_everything(seed: int) -> None:
@@ -468,13 +512,44 @@ def _restore_training(run: _Run, ckpt: Checkpoint) -> None:
     state = ckpt.training
     run.step, run.tokens_seen, run.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
     run.sampler.load_state_dict(state["data"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    _load_optimizer(run.optimizer, state["optimizer"])
     version, internal, gauss = state["rng"]["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, *rest = state["rng"]["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["rng"]["torch"])
     run.stepper.load_state_dict(state.get("stepper", {}))
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a saved optimizer state that must look like the fresh one: the same kinds of
+    settings and, for every parameter, tensors shaped like it (a damaged state fails here with
+    a message, not in the middle of a step)."""
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, before in zip(optimizer.param_groups, fresh, strict=True):
+        for key, value in before.items():
+            if not _same_kind(group.get(key), value):
+                raise ValueError(f"optimizer setting {key} is {group.get(key)!r}")
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                shape = (1,) if name == "step" else tuple(p.shape)  # AdamW: a count, moments
+                if not isinstance(value, Tensor) or tuple(value.shape or (1,)) != shape:
+                    raise ValueError(f"optimizer {name} does not match its parameter {p.shape}")
+
+
+def _same_kind(a: Any, b: Any) -> bool:
+    """Both numbers, both sequences of the same length and kinds, or the same type."""
+    number = (int, float)
+    if isinstance(b, number) and not isinstance(b, bool):
+        return isinstance(a, number) and not isinstance(a, bool)
+    if isinstance(b, (list, tuple)):
+        return (
+            isinstance(a, (list, tuple))
+            and len(a) == len(b)
+            and all(_same_kind(x, y) for x, y in zip(a, b, strict=True))
+        )
+    return type(a) is type(b)
 
 
 def _save(run: _Run) -> Path:
@@ -530,7 +605,7 @@ class _MetricsLog:
         kept = []
         if resume_step and path.is_file():
             kept = [ln for ln in path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in kept if json.loads(ln)["step"] <= resume_step]
+            kept = [ln for ln in kept if _record_step(ln) <= resume_step]
         path.write_text("".join(ln + "\n" for ln in kept))
         self._file = open(path, "a")  # noqa: SIM115 - open for the whole run
 
@@ -542,11 +617,22 @@ class _MetricsLog:
         self._file.close()
 
 
+def _record_step(line: str) -> float:
+    """The step of a metrics record; a line torn by a crash or a full disk counts as past."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what schedulers send
+
+
 @contextmanager
-def _stop_on_sigint() -> Iterator[dict[str, bool]]:
-    """The first Ctrl-C asks the loop to save and stop after the current step; a second one
-    interrupts at once. Signal handlers can only be set from the main thread."""
-    flag = {"stop": False}
+def _stop_on_signals() -> Iterator[dict[str, Any]]:
+    """The first Ctrl-C or SIGTERM asks the loop to save and stop after the current step; a
+    second one interrupts at once. Signal handlers can only be set from the main thread."""
+    flag: dict[str, Any] = {"stop": False, "signal": None}
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
@@ -554,13 +640,44 @@ def _stop_on_sigint() -> Iterator[dict[str, bool]]:
     def handler(signum: int, frame: Any) -> None:
         if flag["stop"]:
             raise KeyboardInterrupt
-        flag["stop"] = True
+        flag["stop"], flag["signal"] = True, signum
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler_before in previous.items():
+            signal.signal(sig, handler_before)
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Own `run_dir` for this process: a second training into it is refused with a message.
+
+    An advisory lock (flock) on RUN/.lock: the kernel releases it when the process ends, however
+    it ends, so a crashed or killed run never leaves a stale lock behind.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): runs are not guarded
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise RunLocked(
+                f"{run_dir} is in use by another `bdh train` (pid {owner}); wait for it to"
+                " finish or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def train(
@@ -594,7 +711,19 @@ def _train(
         cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))
     if not distributed.world().is_main:  # rank 0 speaks for the run
         log, progress = _quiet, False
-    run = _resumed_run(cfg, overrides or {}, log) if resume else _new_run(cfg, log)
+    owner = run_lock(Path(cfg.out)) if distributed.world().is_main else contextlib.nullcontext()
+    with owner:
+        return _train_owned(cfg, resume, overrides or {}, progress, log)
+
+
+def _train_owned(
+    cfg: TrainConfig,
+    resume: bool,
+    overrides: dict[str, Any],
+    progress: bool,
+    log: Callable[[str], None],
+) -> TrainResult:
+    run = _resumed_run(cfg, overrides, log) if resume else _new_run(cfg, log)
     _check_data(run)
     torch.set_num_threads(choose_threads(run.cfg.threads, log))  # the resumed run's setting
     log(f"[train] model {run.cfg.model}: {_num_params(run.model):,} parameters")
@@ -608,7 +737,7 @@ def _train(
     try:
         # Every step frees and re-allocates the same activations; keeping the freed memory in the
         # process spares the page faults of fresh allocations (bdh.speed), results unchanged.
-        with _stop_on_sigint() as flag, freed_memory_retained():
+        with _stop_on_signals() as flag, freed_memory_retained():
             return _loop(run, metrics, flag, progress, log)
     finally:
         metrics.close()
@@ -670,7 +799,7 @@ def _loop(
         if flag["stop"]:
             bar.close()
             say(f"[train] interrupted at step {run.step}; saved {ckpt}; continue with --resume")
-            return TrainResult("interrupted", run.step, ckpt, loss, val)
+            return TrainResult("interrupted", run.step, ckpt, loss, val, flag.get("signal"))
     bar.close()
     if ckpt is None:  # nothing left to do (resumed at max_steps)
         ckpt = run.run_dir / RUN_SUBDIR
