@@ -198,6 +198,13 @@ def test_eval_reports_the_stream_loss_by_position(tmp_path, capsys):
     assert "read as streams of 256 tokens" in text and "| 128–256 |" in text
     assert main([*args[:3], "--stream-length", "-1"]) == 1
     assert "--stream-length must be >= 0" in capsys.readouterr().err
+    # A GPT with a learned position table reads streams only as long as its table.
+    gpt = ["--model", "gpt", "--out", str(tmp_path / "gpt"), "--config", str(tmp_path / "g.json")]
+    (tmp_path / "g.json").write_text('{"block_size": 64}')
+    assert main([*train, *gpt, "--max-steps", "1", "--batch-size", "2", "--block-size", "16"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(tmp_path / "gpt"), "--json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["stream"]["length"] == 64
 
 
 def test_length_experiment_table_and_plot(tmp_path):

@@ -188,6 +188,8 @@ def evaluate_checkpoint_streams(
     ckpt = load_checkpoint(path)
     tokens, what = checkpoint_tokens(ckpt, data, split, max_tokens)
     block = int(ckpt.meta.get("train", {}).get("block_size", 256))
+    limit = getattr(ckpt.config, "max_context", None)  # a GPT's learned position table
+    length = length if limit is None else min(length, limit)
     result = evaluate_streams(
         ckpt.model, tokens, ckpt.tokenizer.bytes_per_token, block, length, batch_size,
         progress=progress,
