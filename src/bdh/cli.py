@@ -403,7 +403,7 @@ def _experiment_arguments(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
 
 
-@verb("experiment", "BDH vs the GPT baseline: scaling or translation, in one command",
+@verb("experiment", "BDH vs the GPT baseline: scaling, translation or length, in one command",
       _experiment_arguments)  # fmt: skip
 def _experiment(args: argparse.Namespace) -> int:
     from bdh.experiments import run
