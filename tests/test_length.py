@@ -216,3 +216,17 @@ def test_length_experiment_table_and_plot(tmp_path):
     table = table_markdown(payload)
     assert "| alibi | 10 | 1.500 | 1.400 | 1.440 |" in table and "0–16" in table
     assert plot(payload, tmp_path / "length.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_length_experiment_runs_end_to_end_in_quick_mode(tmp_path, capsys):
+    """`bdh experiment length --quick`: every variant trained, read as streams, written out."""
+    runs = tmp_path / "runs"
+    assert main(["experiment", "length", "--quick", "--runs", str(runs)]) == 0
+    payload = json.loads((runs / "length-quick.json").read_text())
+    assert list(payload["runs"]) == ["none", "alibi", "learned", "carry", "gpt"]
+    for r in payload["runs"].values():
+        assert r["stream"]["length"] == 256 and r["stream"]["tokens"] == 512
+        assert [b["start"] for b in r["stream"]["buckets"]] == [0, 16, 32, 64, 128]
+    assert payload["runs"]["learned"]["params"] == payload["runs"]["alibi"]["params"] + 2
+    assert (runs / "length-quick.png").stat().st_size > 0

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +29,9 @@ from typing import Any
 from bdh.baseline.presets import LADDER, QUICK_LADDER
 from bdh.checkpoint import load_checkpoint
 from bdh.config import ConfigError
-from bdh.experiments.runs import heldout_tokens
+from bdh.experiments.runs import heldout_tokens, read_curve
 from bdh.streams import evaluate_streams
-from bdh.train import TrainConfig, evaluate, train
+from bdh.train import METRICS_FILE, TrainConfig, evaluate, train
 
 # variant -> (model kind, BDH config fields, training options)
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
@@ -117,6 +116,9 @@ class LengthConfig:
 
 def run_length(cfg: LengthConfig, log: Any = print) -> dict[str, Any]:
     """Train (or reuse) and read every variant; returns the JSON payload."""
+    machine = machine_info()
+    log(f"[length] config {json.dumps(dataclasses.asdict(cfg))}")
+    log("[length] machine " + ", ".join(f"{k} {v}" for k, v in machine.items()))
     heldout = heldout_tokens(cfg.data, cfg.eval_streams * cfg.stream_length)
     runs = {}
     for variant in cfg.variants:
@@ -131,23 +133,44 @@ def run_length(cfg: LengthConfig, log: Any = print) -> dict[str, Any]:
     return {
         "experiment": "length",
         "config": dataclasses.asdict(cfg),
+        "machine": machine,
         "heldout_tokens": len(heldout) - 1,
         "runs": runs,
     }
 
 
-def _train(cfg: TrainConfig, reuse: bool, log: Any) -> float | None:
-    """Train unless a finished run of this very configuration is there; seconds or None."""
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on: CPU, cores, torch and its threads, the load."""
+    import os
+    import platform
+
+    import torch
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _train(cfg: TrainConfig, reuse: bool, log: Any) -> float:
+    """Train unless a finished run of this very configuration is there; the trainer's clock
+    (seconds of training steps, from the run's metrics), the same for a reused run."""
     ckpt = Path(cfg.out) / "checkpoint"
+    finished = False
     if reuse and ckpt.is_dir():
         meta = json.loads((ckpt / "config.json").read_text())["meta"]
-        if meta.get("train") == cfg.to_dict() and meta.get("step") == cfg.max_steps:
-            log(f"[length] reusing the finished run in {cfg.out}")
-            return None
-    log(f"[length] training {cfg.out} for {cfg.max_steps} steps")
-    start = time.perf_counter()
-    train(cfg, progress=False, log=lambda line: None)
-    return time.perf_counter() - start
+        finished = meta.get("train") == cfg.to_dict() and meta.get("step") == cfg.max_steps
+    if finished:
+        log(f"[length] reusing the finished run in {cfg.out}")
+    else:
+        log(f"[length] training {cfg.out} for {cfg.max_steps} steps")
+        train(cfg, progress=False, log=lambda line: None)
+    curve = read_curve(Path(cfg.out) / METRICS_FILE, cfg.batch_size * cfg.block_size)
+    return curve[-1]["seconds"]
 
 
 def score(path: str, heldout: Any, cfg: LengthConfig) -> dict[str, Any]:
