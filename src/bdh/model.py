@@ -53,8 +53,20 @@ class Attention(nn.Module):
         damping = config.damping_per_head()
         # λ_h is derived from the config, so it is not saved with the weights.
         self.register_buffer(
-            "damping", None if damping is None else torch.tensor(damping), persistent=False
+            "fixed_damping", None if damping is None else torch.tensor(damping), persistent=False
         )
+        if config.learn_damping:
+            # λ_h = exp(−r_h exp(δ_h)), r_h = −ln λ_h of the config: any δ keeps λ in (0, 1), and
+            # the optimizer's weight decay pulls δ back to 0, i.e. to the configured schedule.
+            self.damping_delta = nn.Parameter(torch.zeros(config.n_head))
+
+    @property
+    def damping(self) -> Tensor | None:
+        """λ_h (nh,) of this model, or None without damping."""
+        if not self.config.learn_damping:
+            return self.fixed_damping
+        rate = -self.fixed_damping.clamp(max=1.0 - 1e-6).log()  # a configured λ = 1 can still learn
+        return torch.exp(-rate * self.damping_delta.exp())
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Attention:
         """`model.to(torch.bfloat16)` casts buffers too: keep the phases' inputs in float32."""

@@ -315,9 +315,21 @@ def evaluate_checkpoint(
     quick estimate for models that are slow on the CPU). Returns the result and a description
     of what was evaluated. Runs on torch's current thread count (`bdh eval` sets it).
     """
+    ckpt = load_checkpoint(path)
+    tokens, what = checkpoint_tokens(ckpt, data, split, max_tokens)
+    block = int(ckpt.meta.get("train", {}).get("block_size", 256))
+    result = evaluate(
+        ckpt.model, tokens, ckpt.tokenizer.bytes_per_token, block, batch_size, progress
+    )
+    return result, what
+
+
+def checkpoint_tokens(
+    ckpt: Checkpoint, data: str | None, split: str | None, max_tokens: int | None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The tokens `evaluate_checkpoint` scores (see there) and a description of them."""
     if max_tokens is not None and max_tokens < 1:
         raise bdh_data.DataError(f"max_tokens must be ≥ 1, got {max_tokens}")
-    ckpt = load_checkpoint(path)
     trained = ckpt.meta.get("train", {})
     source = data or trained.get("data")
     if source is None:
@@ -328,11 +340,7 @@ def evaluate_checkpoint(
     bdh_data.check_tokens(tokens, 1, ckpt.config.vocab_size, f"the {split} split of {source}")
     if max_tokens is not None:
         tokens = tokens[: max_tokens + 1]  # max_tokens targets, each with its context
-    block = int(trained.get("block_size", 256))
-    result = evaluate(
-        ckpt.model, tokens, ckpt.tokenizer.bytes_per_token, block, batch_size, progress
-    )
-    return result, {"checkpoint": str(ckpt.path), "data": source, "split": split}
+    return tokens, {"checkpoint": str(ckpt.path), "data": source, "split": split}
 
 
 # ---------------------------------------------------------------------------- the run

@@ -2,12 +2,14 @@
 
     bdh experiment scaling [--quick] [...]       # loss vs parameters, time and FLOPs (Fig. 7)
     bdh experiment translation [--quick] [...]   # En-Fr BLEU/chrF at equal parameters and tokens
+    bdh experiment length [--quick] [...]        # loss against position, far past the block
     bdh experiment merge [--quick] [...]         # Table 2: two fine-tunes of one base, merged
     bdh experiment surprisal --ckpt C [--quick]  # neuron activity against surprisal (Fig. 14)
     bdh experiment neuron-graph --ckpt C [...]   # G = D_x E: tails, modularity (Figs. 9-10)
 
 `benchmarks/scaling.py` and `benchmarks/translation.py` run the same code. Each writes
-`<name>.json` (every number), `<name>.md` (the README table) and, for scaling, `<name>.png`.
+`<name>.json` (every number), `<name>.md` (the README table) and, for scaling and length,
+`<name>.png`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-EXPERIMENTS = ("scaling", "translation", "merge", "surprisal", "neuron-graph")
+EXPERIMENTS = ("scaling", "translation", "length", "merge", "surprisal", "neuron-graph")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,7 +44,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--test-sentences", type=int, metavar="N",
         help="held-out sources translated per direction (default: 500)",
     )  # fmt: skip
-    for q in (scaling, translation):
+    length = sub.add_parser(
+        "length", help="loss against position past the training block: BDH variants and GPT"
+    )
+    length.add_argument("--size", help="ladder size of every model (default: 360k)")
+    length.add_argument("--variants", type=_names, help="comma-separated, of none, alibi,"
+                        " learned, carry, gpt (default: all)")  # fmt: skip
+    length.add_argument("--data", metavar="SOURCE", help="bdh.data source (default: shakespeare)")
+    length.add_argument(
+        "--stream-length", type=int, metavar="L",
+        help="tokens per held-out stream, >= 16 x block (default: 4096; quick 256)",
+    )  # fmt: skip
+    length.add_argument(
+        "--eval-streams", type=int, metavar="N", help="held-out streams (default: 32; quick 2)"
+    )
+    for q in (scaling, translation, length):
         _common_arguments(q)
     from bdh.experiments.merge import add_merge_arguments
 
@@ -104,10 +120,13 @@ def _names(text: str) -> list[str]:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """The experiment's config: its defaults (or quick defaults) with the options given."""
+    from bdh.experiments.length import LengthConfig
     from bdh.experiments.scaling import ScalingConfig
     from bdh.experiments.translation import TranslationConfig
 
-    cls = ScalingConfig if args.experiment == "scaling" else TranslationConfig
+    cls = {"scaling": ScalingConfig, "translation": TranslationConfig, "length": LengthConfig}[
+        args.experiment
+    ]
     skip = {"verb", "experiment", "quick", "out", "fresh"}
     given = {k: v for k, v in vars(args).items() if v is not None and k not in skip}
     if given.get("limit") == 0:
@@ -135,13 +154,17 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Path]:
         from bdh.experiments import scaling as exp
 
         payload = exp.run_scaling(cfg, log)
+    elif args.experiment == "length":
+        from bdh.experiments import length as exp  # type: ignore[no-redef]
+
+        payload = exp.run_length(cfg, log)
     else:
         from bdh.experiments import translation as exp  # type: ignore[no-redef]
 
         payload = exp.run_translation(cfg, log)
     table = exp.table_markdown(payload)
     paths = write_outputs(out, name, payload, table)
-    if args.experiment == "scaling":
+    if args.experiment in ("scaling", "length"):
         paths["png"] = exp.plot(payload, out / f"{name}.png")
     log("\n" + table)
     for path in paths.values():

@@ -87,6 +87,7 @@ class _CausalProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, v, decay, detach_kv, block):  # type: ignore[override]
+        decay_dtype = None if decay is None else decay.dtype
         q, v, decay = _autocast_inputs(q, v, decay)
         T = q.shape[-2]
         rows, outs = [], []
@@ -101,6 +102,7 @@ class _CausalProduct(torch.autograd.Function):
                 rows.append(s)
         ctx.detach_kv, ctx.block = detach_kv, block
         ctx.v_shape = v.shape
+        ctx.decay_dtype = None if decay is None else decay_dtype
         ctx.save_for_backward(q, v, decay, *rows)
         return torch.cat(outs, dim=-2)
 
@@ -108,8 +110,11 @@ class _CausalProduct(torch.autograd.Function):
     def backward(ctx, dout):  # type: ignore[override]
         q, v, decay, *rows = ctx.saved_tensors
         dout = dout.to(q.dtype)
-        dq = dv = None
+        dq = dv = ddecay = None
         with torch.autocast(q.device.type, enabled=False):
+            if ctx.needs_input_grad[2]:  # a learned damping: ∂/∂decay = G ⊙ undecayed scores
+                raw = (q @ q.mT).tril_(-1)  # (..., T, T)
+                ddecay = ((dout @ v.mT) * raw).sum_to_size(decay.shape).to(ctx.decay_dtype)
             if ctx.needs_input_grad[0]:
                 g = (dout @ v.mT).tril_(-1)  # (..., T, T) score gradient, upper triangle unused
                 if decay is not None:
@@ -118,7 +123,7 @@ class _CausalProduct(torch.autograd.Function):
                 dq = (g if ctx.detach_kv else g + g.mT) @ q  # (..., T, N)
             if ctx.needs_input_grad[1] and not ctx.detach_kv:
                 dv = _values_grad(rows, dout, ctx.block).sum_to_size(ctx.v_shape)
-        return dq, dv, None, None, None
+        return dq, dv, ddecay, None, None
 
 
 def _values_grad(rows: list[Tensor], dout: Tensor, block: int) -> Tensor:
