@@ -381,7 +381,7 @@ def test_sigterm_saves_and_exits_like_ctrl_c_and_the_lock_guards_a_live_run(tmp_
 
 WRITER = textwrap.dedent(
     """
-    import sys, torch
+    import sys, time, torch
     from bdh import BDH, BDHConfig
     from bdh.checkpoint import save_checkpoint
     from bdh.tokenizer import ByteTokenizer
@@ -395,6 +395,7 @@ WRITER = textwrap.dedent(
         save_checkpoint(path, model, "bdh", ByteTokenizer(), meta={"step": k})
         if k == 0:
             print("ready", flush=True)
+        time.sleep(0.01)  # a writer saves now and then, not back to back
     """
 )
 

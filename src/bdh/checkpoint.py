@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 RUN_SUBDIR = "checkpoint"  # `bdh train --out RUN` keeps its latest checkpoint in RUN/checkpoint
 MAX_JSON_BYTES = 64 * 2**20  # config.json and trainer_state.json are kilobytes when we write them
-LOAD_ATTEMPTS = 5  # reads that race a writer's swap start again (see load_checkpoint)
+LOAD_ATTEMPTS = 20  # reads that race a writer's swap start again (see load_checkpoint)
 
 
 class CheckpointError(ValueError):
@@ -297,9 +298,11 @@ def load_checkpoint(
             replaced = before is None or _config_bytes(where) != before
             if not replaced or attempt + 1 == LOAD_ATTEMPTS:
                 raise  # damaged, not replaced while we read it
+            time.sleep(0.005 * attempt)
             continue
         if before is not None and _config_bytes(where) == before:
             return ckpt
+        time.sleep(0.005 * attempt)  # back off: a slow reader still finds a quiet moment
     raise CheckpointError(f"{path} kept being replaced while it was read; try again")
 
 

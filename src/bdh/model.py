@@ -70,7 +70,7 @@ class Attention(nn.Module):
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Attention:
         """`model.to(torch.bfloat16)` casts buffers too: keep the phases' inputs in float32."""
-        kept = {name: getattr(self, name) for name in ("freqs", "damping")}
+        kept = {name: getattr(self, name) for name in ("freqs", "fixed_damping")}
         super()._apply(fn, recurse)
         for name, before in kept.items():
             after = getattr(self, name)
