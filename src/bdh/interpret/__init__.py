@@ -4,6 +4,7 @@
     logits = model.run_with_hooks(idx, hooks=[("layers.1.x", ablate)])
     with bdh.interpret.hooks(model, [...]): ...        # also model.step and model.generate
     with bdh.interpret.capture(model, ["layers.0.y"]) as cache: ...  # every call, joined along T
+    bdh.interpret.view(model, tokenizer, "text").save("report.html")  # the viewer page
 
 The names and their shapes: the module `bdh.interpret.hooks` and the README. Observers change
 nothing the model computes unless a hook returns a replacement.
@@ -20,10 +21,12 @@ from bdh.interpret.hooks import (
     run_with_hooks,
     select_names,
 )
+from bdh.interpret.view import ViewPage, view
 
 __all__ = [
     "ActivationCache",
     "Names",
+    "ViewPage",
     "capture",
     "check_name",
     "hook_names",
@@ -31,4 +34,5 @@ __all__ = [
     "run_with_cache",
     "run_with_hooks",
     "select_names",
+    "view",
 ]
