@@ -444,6 +444,85 @@ def view(
     )
 
 
+# ---------------------------------------------------------------------------- from a checkpoint
+
+PASSAGE_TOKENS = 2000
+CORPUS_TOKENS = 20_000
+MAX_SYNAPSES = 8  # traces read from a synapse search result
+
+
+def view_checkpoint(
+    ckpt: str | Path,
+    text: str | None = None,
+    data: str | None = None,
+    tokens: int = PASSAGE_TOKENS,
+    corpus_tokens: int = CORPUS_TOKENS,
+    synapse_pairs: Sequence[tuple[int, int, int, int]] = (),
+    synapse_file: str | Path | None = None,
+) -> ViewPage:
+    """The page of a checkpoint (`bdh view`): the passage is `text`, or the first `tokens`
+    tokens of `data`'s validation split, whose first `corpus_tokens` tokens are then the
+    corpus of the neuron pages (with `text`, the passage is the corpus)."""
+    from bdh.checkpoint import load_checkpoint
+    from bdh.data import load_corpus
+
+    if (text is None) == (data is None):
+        raise ValueError("give the passage as either --text or --data, not both or neither")
+    if tokens < 1 or corpus_tokens < 1:
+        raise ValueError("--tokens and --corpus-tokens must be ≥ 1")
+    pairs = list(synapse_pairs)
+    if synapse_file is not None:
+        pairs += read_synapse_file(synapse_file)
+    loaded = load_checkpoint(ckpt)
+    _check_pairs(pairs, loaded.model.config)
+    tok = loaded.tokenizer
+    corpus, name = None, "the passage"
+    if data is not None:
+        stream = np.asarray(tok.encode(load_corpus(data).val), dtype=np.int64)
+        if stream.size == 0:
+            raise ValueError(f"the validation split of {data} is empty")
+        passage = stream[:tokens]
+        corpus = stream[:corpus_tokens]
+        name = f"the validation split of {data}"
+    else:
+        passage = _ids(tok, text or "")[:tokens]
+    title = f"BDH viewer: {Path(ckpt).name}"
+    return view(loaded.model, tok, passage, corpus, name, pairs, title)
+
+
+def read_synapse_file(path: str | Path) -> list[tuple[int, int, int, int]]:
+    """(layer, head, i, j) of the first synapses listed in a JSON file (a synapse search result:
+    any list of objects with integer layer, head, i and j, at any depth), at most MAX_SYNAPSES."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON: {e.msg} (line {e.lineno})") from None
+    found: list[tuple[int, int, int, int]] = []
+    stack = [obj]
+    while stack and len(found) < MAX_SYNAPSES:
+        o = stack.pop(0)
+        if isinstance(o, dict):
+            vals = [o.get(k) for k in ("layer", "head", "i", "j")]
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+                found.append(tuple(vals))  # type: ignore[arg-type]
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+    if not found:
+        raise ValueError(f"{path} lists no synapse (objects with layer, head, i and j)")
+    return found
+
+
+def _check_pairs(pairs: Sequence[tuple[int, int, int, int]], c: Any) -> None:
+    n = c.n_head * c.N
+    for l, h, i, j in pairs:
+        if not (1 <= l < c.n_layer and 0 <= h < c.n_head and 0 <= i < n and 0 <= j < c.N):
+            raise ValueError(
+                f"synapse ({l}, {h}, {i}, {j}) is outside the model: layer in 1..{c.n_layer - 1},"
+                f" head < {c.n_head}, i < {n}, j < {c.N}"
+            )
+
+
 __all__ = [
     "NeuronStats",
     "ViewPage",
@@ -453,6 +532,7 @@ __all__ = [
     "render_html",
     "stream_stats",
     "view",
+    "view_checkpoint",
     "view_data",
     "walk",
 ]
