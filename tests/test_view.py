@@ -13,7 +13,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.test_interpret_hooks import trained_model
 
 from bdh.interpret.view import (
     graph_neighbours,
@@ -27,6 +26,7 @@ from bdh.interpret.view import (
 )
 from bdh.model import BDH
 from bdh.tokenizer import ByteTokenizer
+from test_interpret_hooks import trained_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.test_interpret_hooks import trained_model
 
 from bdh.interpret.view import view
 from bdh.tokenizer import ByteTokenizer
+from test_interpret_hooks import trained_model
 
 TEXT = "the king and the lord of the night; the crown of the sweet king. " * 3
 BROWSER_ARGS = [
