@@ -177,7 +177,7 @@
       const pts = ser.map((v, t) => `${(pl + (W - pl) * t / Math.max(1, T - 1)).toFixed(1)},` +
         yOf(v)).join(" ");
       s.append(svg("polyline", { points: pts, fill: "none", stroke: COLOURS[k % 6], "stroke-width": 1 }));
-      s.append(svg("text", { x: pl + 10 + 120 * k, y: H + 16, fill: COLOURS[k % 6] }, labels[k]));
+      s.append(svg("text", { x: pl + 10 + 160 * k, y: H + 16, style: `fill:${COLOURS[k % 6]}` }, labels[k]));
     });
     return s;
   }
