@@ -365,6 +365,69 @@ def _translate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- merge, grow, prune
+
+
+def _merge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("parents", nargs="+", metavar="CKPT", help="two or more BDH checkpoints")
+    p.add_argument("--out", required=True, metavar="DIR", help="the merged checkpoint (new)")
+    p.add_argument("--base", metavar="CKPT", help="the model the parents were fine-tuned from")
+    p.add_argument(
+        "--shared", choices=("mean", "task-arithmetic"), default="mean",
+        help="embedding and output head: the parents' mean, or BASE + sum(parent - BASE)"
+        " (needs --base) (default: mean)",
+    )  # fmt: skip
+
+
+@verb("merge", "join BDH models by concatenating their neurons (paper 7.1)", _merge_arguments)
+def _merge(args: argparse.Namespace) -> int:
+    from bdh.merge import merge_checkpoints
+
+    print(merge_checkpoints(args.parents, args.out, args.base, args.shared))
+    return 0
+
+
+def _grow_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", metavar="CKPT", help="a BDH checkpoint")
+    p.add_argument("--add-neurons", type=int, required=True, metavar="K",
+                   help="new neurons per head (a multiple of n_embd / n_head, even)")  # fmt: skip
+    p.add_argument("--out", required=True, metavar="DIR", help="the grown checkpoint (new)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new weights (default: 0)")
+
+
+@verb("grow", "add neurons that leave the model's outputs unchanged until it trains",
+      _grow_arguments)  # fmt: skip
+def _grow(args: argparse.Namespace) -> int:
+    from bdh.merge import grow_checkpoint
+
+    print(grow_checkpoint(args.ckpt, args.out, args.add_neurons, seed=args.seed))
+    return 0
+
+
+def _prune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", metavar="CKPT", help="a BDH checkpoint")
+    p.add_argument("--keep", type=float, required=True, metavar="F",
+                   help="fraction of the neurons to keep, rounded to a multiple of"
+                   " n_embd / n_head per head")  # fmt: skip
+    p.add_argument("--out", required=True, metavar="DIR", help="the pruned checkpoint (new)")
+    p.add_argument("--by", choices=("decoder", "firing"), default="decoder",
+                   help="score of a neuron: its decoder row norm, or how often it fires on"
+                   " --data (default: decoder)")  # fmt: skip
+    p.add_argument("--data", metavar="SOURCE",
+                   help="text for --by firing: its training split is read (a file, a folder or"
+                   " a named corpus)")  # fmt: skip
+    p.add_argument("--max-tokens", type=int, default=65_536, metavar="N",
+                   help="tokens of --data read for --by firing (default: 65536)")  # fmt: skip
+
+
+@verb("prune", "drop the neurons that matter least (the reverse of grow)", _prune_arguments)
+def _prune(args: argparse.Namespace) -> int:
+    from bdh.merge import prune_checkpoint
+
+    print(prune_checkpoint(args.ckpt, args.out, args.keep, args.by, args.data, args.max_tokens))
+    return 0
+
+
 # ---------------------------------------------------------------------------- experiment
 
 

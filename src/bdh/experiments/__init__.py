@@ -2,6 +2,7 @@
 
     bdh experiment scaling [--quick] [...]       # loss vs parameters, time and FLOPs (Fig. 7)
     bdh experiment translation [--quick] [...]   # En-Fr BLEU/chrF at equal parameters and tokens
+    bdh experiment merge [--quick] [...]         # Table 2: two fine-tunes of one base, merged
 
 `benchmarks/scaling.py` and `benchmarks/translation.py` run the same code. Each writes
 `<name>.json` (every number), `<name>.md` (the README table) and, for scaling, `<name>.png`.
@@ -14,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-EXPERIMENTS = ("scaling", "translation")
+EXPERIMENTS = ("scaling", "translation", "merge")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     for q in (scaling, translation):
         _common_arguments(q)
+    from bdh.experiments.merge import add_merge_arguments
+
+    add_merge_arguments(sub)
 
 
 def _common_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,6 +88,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace, log: Any = print) -> dict[str, Path]:
     """Run the experiment of `args` and write its outputs; returns {kind: path}."""
+    if args.experiment == "merge":
+        from bdh.experiments.merge import run_from_args
+
+        return run_from_args(args, log)
     cfg = config_from_args(args)
     out = Path(args.out or cfg.runs)
     name = args.experiment + ("-quick" if args.quick else "")
