@@ -45,6 +45,9 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=2000)
     p.add_argument("--corpus-tokens", type=int, default=20_000)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument(
+        "--synapse", action="append", default=[], metavar="L,H,I,J", help="trace σ(i, j)"
+    )
     p.add_argument("--chromium", default=shutil.which("chromium"))
     p.add_argument("--out", default=str(RESULTS / "view"))
     args = p.parse_args()
@@ -55,8 +58,14 @@ def main() -> int:
     print(f"config: {vars(args)}")
     print(machine_line())
     t0 = time.perf_counter()
-    page_obj = view_checkpoint(args.ckpt, data=args.data, tokens=args.tokens,
-                               corpus_tokens=args.corpus_tokens)  # fmt: skip
+    pairs = [tuple(map(int, t.split(","))) for t in args.synapse]
+    page_obj = view_checkpoint(
+        args.ckpt,
+        data=args.data,
+        tokens=args.tokens,
+        corpus_tokens=args.corpus_tokens,
+        synapse_pairs=pairs,
+    )
     build = time.perf_counter() - t0
     html = Path(tempfile.mkdtemp()) / "report.html"
     page_obj.save(html)
