@@ -17,6 +17,7 @@ import torch
 from bdh.interpret.view import (
     graph_neighbours,
     logit_effects,
+    negative_share,
     read_page_data,
     read_synapse_file,
     render_html,
@@ -159,6 +160,18 @@ def test_graph_neighbours_tiled_equal_dense(model, which):
     assert torch.equal(in_i, want_in.indices)
     torch.testing.assert_close(out_v.double(), want_out.values, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(in_v.double(), want_in.values, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["x", "y"])
+def test_negative_share_tiled_equals_dense(model, which, data):
+    enc = (model.encoder if which == "x" else model.encoder_v).detach().double()
+    E = model.decoder.detach().double()
+    G = torch.cat([E @ enc[a] for a in range(enc.shape[0])], 1)
+    want = G.clamp(max=0).abs().sum(1) / G.abs().sum(1)
+    torch.testing.assert_close(
+        negative_share(model, which, rows=5).double(), want, rtol=1e-4, atol=0
+    )
+    np.testing.assert_allclose(data["neurons"][f"g{which}_negative"], want.numpy(), rtol=1e-3)
 
 
 def test_page_is_self_contained_and_carries_the_data(data):

@@ -158,6 +158,12 @@ def test_clicking_a_neuron_opens_its_page(opened, reference, model):
         want_y = float((neurons(reference["y", l])[:, i] > 0).sum()) / T
         assert float(rate_x) == pytest.approx(want_x, rel=2e-3, abs=1e-9)
         assert float(rate_y) == pytest.approx(want_y, rel=2e-3, abs=1e-9)
+    # how inhibitory its G_x out-edges look: the negative share of their weight
+    E, Dx = model.decoder.detach().double(), model.encoder.detach().double()
+    g = torch.cat([E[i] @ Dx[a] for a in range(Dx.shape[0])])
+    share = float(g.clamp(max=0).abs().sum() / g.abs().sum())
+    cell = page.locator("#neuron-inhibition tr").nth(1).locator("td").nth(1).inner_text()
+    assert float(cell) == pytest.approx(share, rel=2e-3)
     # its logit effect: the token its decoder row through lm_head promotes most
     effect = (model.decoder[i] @ model.lm_head).detach()
     top_token = bytes([int(effect.argmax())]).decode("utf-8", errors="backslashreplace")

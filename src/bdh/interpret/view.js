@@ -121,6 +121,18 @@
     p.replaceChildren(el("h2", { id: "neuron-title", text: `Neuron ${i} (head ${h}, index ${j})` }));
     p.append(el("p", { text: `rotary frequency ${fmt(NR.freqs[j], 4)} rad/token, frequency bucket ` +
       `${NR.freq_bucket[j] + 1} of 4 (1 = slowest); head ${h} of ${M.n_head}` }));
+    p.append(el("h3", { text: "Inhibitory-looking? Negative share of its out-edges' weight" }));
+    const heads = [...Array(M.n_head).keys()];
+    const headMean = (g, hh) => {
+      let t = 0;
+      for (let k = hh * N; k < (hh + 1) * N; k++) t += NR[`g${g}_negative`][k];
+      return t / N;
+    };
+    const gt = table(["graph", "this neuron", `head ${h} mean`, "every head's mean"],
+      ["x", "y"].map((g) => [`G_${g}`, fmt(NR[`g${g}_negative`][i]), fmt(headMean(g, h)),
+        heads.map((hh) => `h${hh} ${fmt(headMean(g, hh), 2)}`).join(" · ")]));
+    gt.id = "neuron-inhibition";
+    p.append(gt);
     p.append(el("h3", { text: `Firing rate over ${M.corpus} (${M.corpus_tokens} tokens)` }));
     const rate = (c) => c / M.corpus_tokens;
     const rows = [];
