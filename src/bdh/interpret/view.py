@@ -15,7 +15,8 @@ activation points, `bdh.interpret.capture`; nothing here recomputes a layer):
   state carried, so memory is bounded by the window), its direct logit effect (its `decoder` row
   E_i through `lm_head`, LayerNorms left out), its strongest neighbours in G_x = D_x E and
   G_y = D_y E (the neuron graph's convention: i → j is E_i · D[:, j]), its head and frequency
-  bucket;
+  bucket, and how inhibitory its out-edges look (the negative share of their weight, against its
+  head's mean and the other heads');
 - traces of chosen synapses σ(i, j) over the passage (`bdh.interpret.synapses`, when given);
 - per-layer density of x and y over the passage.
 
@@ -192,6 +193,20 @@ def graph_neighbours(
     return torch.cat(out_i), torch.cat(out_v), in_i, in_v
 
 
+@torch.no_grad()
+def negative_share(model: Any, which: str, rows: int = 1024) -> Tensor:
+    """(n,) for each neuron i, the inhibitory-looking part of its out-edges in G_which:
+    Σ_j max(−G_ij, 0) / Σ_j |G_ij| (0: all excitatory, 1: all inhibitory), in row tiles."""
+    E = model.decoder.detach().float()
+    enc = (model.encoder if which == "x" else model.encoder_v).detach().float()
+    Dm = enc.transpose(0, 1).flatten(1)
+    shares = []
+    for r0 in range(0, E.shape[0], rows):
+        block = E[r0 : r0 + rows] @ Dm
+        shares.append((-block).clamp_min(0).sum(1) / block.abs().sum(1).clamp_min(1e-30))
+    return torch.cat(shares)
+
+
 # ---------------------------------------------------------------------------- the page data
 
 
@@ -325,6 +340,7 @@ def _neuron_data(model: Any, tokenizer: Any, stats: NeuronStats, stream: np.ndar
         "suppress_value": _round(down_v),
     }
     for which in "xy":
+        data[f"g{which}_negative"] = _round(negative_share(model, which))
         out_i, out_v, in_i, in_v = graph_neighbours(model, which)
         data[f"g{which}_out"], data[f"g{which}_out_value"] = out_i.tolist(), _round(out_v)
         data[f"g{which}_in"], data[f"g{which}_in_value"] = in_i.tolist(), _round(in_v)
@@ -528,6 +544,7 @@ __all__ = [
     "ViewPage",
     "graph_neighbours",
     "logit_effects",
+    "negative_share",
     "read_page_data",
     "render_html",
     "stream_stats",
