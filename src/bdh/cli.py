@@ -575,6 +575,79 @@ def _inspect(args: argparse.Namespace) -> int:
             f" {what['split']} split of {what['data']} in windows of {what['block_size']}"
         )
         print(sparsity.table_markdown({what["model"]: summary}), end="")
+
+
+# ---------------------------------------------------------------------------- view
+
+
+def _synapse(text: str) -> tuple[int, int, int, int]:
+    try:
+        l, h, i, j = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected L,H,I,J (four integers), got {text!r}"
+        ) from None
+    return l, h, i, j
+
+
+def _view_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="a checkpoint or a run directory")
+    p.add_argument("--text", help="the passage to view (it is also the neuron pages' corpus)")
+    p.add_argument(
+        "--data",
+        metavar="SOURCE",
+        help="view the start of this source's validation split instead (a file, folder or named"
+        " corpus); its first --corpus-tokens tokens are the neuron pages' corpus",
+    )
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="passage length in tokens (default: 2000)",
+    )
+    p.add_argument(
+        "--corpus-tokens",
+        type=int,
+        default=20_000,
+        metavar="N",
+        help="corpus length with --data (default: 20000)",
+    )
+    p.add_argument(
+        "--synapse",
+        type=_synapse,
+        action="append",
+        default=[],
+        metavar="L,H,I,J",
+        help="trace σ(i, j) of layer L, head H over the passage (repeatable)",
+    )
+    p.add_argument(
+        "--synapses",
+        metavar="FILE",
+        help="trace the synapses listed in a synapse search result (JSON)",
+    )
+    p.add_argument("--out", default="report.html", help="the page to write (default: report.html)")
+
+
+@verb(
+    "view",
+    "one self-contained HTML page of a passage's tokens, neurons and synapses",
+    _view_arguments,
+)
+def _view(args: argparse.Namespace) -> int:
+    from bdh.interpret.view import view_checkpoint
+
+    page = view_checkpoint(
+        args.ckpt,
+        args.text,
+        args.data,
+        args.tokens,
+        args.corpus_tokens,
+        args.synapse,
+        args.synapses,
+    )
+    path = page.save(args.out)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 

@@ -6,6 +6,7 @@
     with bdh.interpret.capture(model, ["layers.0.y"]) as cache: ...  # every call, joined along T
     sigma = bdh.interpret.synapses(model, idx, layer=1, head=0, pairs=[(i, j)])  # σ (Eq. 16)
     stats = bdh.interpret.measure_sparsity(model, tokens, block_size=64)  # firing, O(n·L)
+    bdh.interpret.view(model, tokenizer, "text").save("report.html")  # the viewer page
 
 The names and their shapes: the module `bdh.interpret.hooks` and the README. Observers change
 nothing the model computes unless a hook returns a replacement.
@@ -24,10 +25,12 @@ from bdh.interpret.hooks import (
 )
 from bdh.interpret.sparsity import SparsityStats, measure_sparsity
 from bdh.interpret.synapses import synapse_matrices, synapse_trajectories, synapses
+from bdh.interpret.view import ViewPage, view
 
 __all__ = [
     "ActivationCache",
     "Names",
+    "ViewPage",
     "capture",
     "check_name",
     "hook_names",
@@ -35,6 +38,7 @@ __all__ = [
     "run_with_cache",
     "run_with_hooks",
     "select_names",
+    "view",
 ]
 # σ and sparsity, read from the named points above.
 __all__ += [
