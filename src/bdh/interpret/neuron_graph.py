@@ -72,6 +72,17 @@ def factors_of(model: torch.nn.Module) -> Factors:
     )
 
 
+def whole(model: torch.nn.Module, which: str) -> tuple[Tensor, Tensor]:
+    """(E (n, D), D_which (D, n)): every head pair at once, G_which = E @ D_which.
+
+    Neuron j of head a is column a·N + j; the rows of E are head-major. Detached fp32 copies.
+    """
+    if which not in MATRICES:
+        raise ValueError(f"matrix must be one of {MATRICES}, got {which!r}")
+    enc = model.encoder if which == "x" else model.encoder_v  # (nh, D, N)
+    return model.decoder.detach().float(), enc.detach().float().transpose(0, 1).flatten(1)
+
+
 def dense(A: Tensor, B: Tensor) -> Tensor:
     """The whole block at once; for small models and tests."""
     return A @ B

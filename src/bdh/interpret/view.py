@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bdh.interpret import neuron_graph
 from bdh.interpret.hooks import ActivationCache, capture
 
 TOP_TOKEN_NEURONS = 8  # a token's most active neurons listed per layer and path
@@ -171,16 +172,13 @@ def graph_neighbours(
     loops left out. → (out ids, out values, in ids, in values), each (n, k); computed in row
     tiles, so only rows × n entries exist at once.
     """
-    E = model.decoder.detach().float()  # (n, D)
-    enc = (model.encoder if which == "x" else model.encoder_v).detach().float()  # (nh, D, N)
-    Dm = enc.transpose(0, 1).flatten(1)  # (D, n), column a·N + j
+    E, Dm = neuron_graph.whole(model, which)  # (n, D), (D, n)
     n = E.shape[0]
     k = min(k, n - 1)
     out_v, out_i = [], []
     in_v = torch.full((n, k), -math.inf)
     in_i = torch.zeros(n, k, dtype=torch.int64)
-    for r0 in range(0, n, rows):
-        block = E[r0 : r0 + rows] @ Dm  # (r, n): sources r0.., every target
+    for r0, block in neuron_graph.tiles(E, Dm, rows):  # (r, n): sources r0.., every target
         r = block.shape[0]
         block[torch.arange(r), torch.arange(r0, r0 + r)] = -math.inf
         v, i = block.topk(k, dim=1)
@@ -197,12 +195,8 @@ def graph_neighbours(
 def negative_share(model: Any, which: str, rows: int = 1024) -> Tensor:
     """(n,) for each neuron i, the inhibitory-looking part of its out-edges in G_which:
     Σ_j max(−G_ij, 0) / Σ_j |G_ij| (0: all excitatory, 1: all inhibitory), in row tiles."""
-    E = model.decoder.detach().float()
-    enc = (model.encoder if which == "x" else model.encoder_v).detach().float()
-    Dm = enc.transpose(0, 1).flatten(1)
     shares = []
-    for r0 in range(0, E.shape[0], rows):
-        block = E[r0 : r0 + rows] @ Dm
+    for _, block in neuron_graph.tiles(*neuron_graph.whole(model, which), rows):
         shares.append((-block).clamp_min(0).sum(1) / block.abs().sum(1).clamp_min(1e-30))
     return torch.cat(shares)
 
