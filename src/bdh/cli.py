@@ -374,8 +374,8 @@ def _experiment_arguments(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
 
 
-@verb("experiment", "BDH vs the GPT baseline (scaling, translation) or inside BDH (surprisal)",
-      _experiment_arguments)  # fmt: skip
+@verb("experiment", "BDH vs the GPT baseline (scaling, translation) or inside BDH"
+      " (surprisal, synapses)", _experiment_arguments)  # fmt: skip
 def _experiment(args: argparse.Namespace) -> int:
     from bdh.experiments import run
 

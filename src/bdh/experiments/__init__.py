@@ -3,6 +3,7 @@
     bdh experiment scaling [--quick] [...]       # loss vs parameters, time and FLOPs (Fig. 7)
     bdh experiment translation [--quick] [...]   # En-Fr BLEU/chrF at equal parameters and tokens
     bdh experiment surprisal --ckpt C [--quick]  # neuron activity against surprisal (Fig. 14)
+    bdh experiment synapses --ckpt C [--quick]   # concept synapses, held-out (Figs. 11-13)
 
 `benchmarks/scaling.py` and `benchmarks/translation.py` run the same code. Each writes
 `<name>.json` (every number), `<name>.md` (the README table) and, for scaling, `<name>.png`.
@@ -15,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-EXPERIMENTS = ("scaling", "translation", "surprisal")
+EXPERIMENTS = ("scaling", "translation", "surprisal", "synapses")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     surprisal.add_arguments(
         sub.add_parser("surprisal", help="a checkpoint's neuron activity against its surprisal")
+    )
+    from bdh.experiments import synapses
+
+    synapses.add_arguments(
+        sub.add_parser("synapses", help="a concept's synapse: searched, tested held-out, En/Fr")
     )
 
 
@@ -94,6 +100,10 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Path]:
         from bdh.experiments import surprisal
 
         return surprisal.run(args, log)
+    if args.experiment == "synapses":
+        from bdh.experiments import synapses
+
+        return synapses.run(args, log)
     cfg = config_from_args(args)
     out = Path(args.out or cfg.runs)
     name = args.experiment + ("-quick" if args.quick else "")
