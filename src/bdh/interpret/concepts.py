@@ -110,9 +110,9 @@ def _rope_damping(model: Any, head: int) -> tuple[Tensor | None, float]:
     return freqs, 1.0 if damping is None else float(damping[head])
 
 
-def _check_sentences(name: str, sentences: Sequence[Tensor]) -> list[Tensor]:
-    if len(sentences) < 2:
-        raise ValueError(f"{name} needs at least 2 sentences, got {len(sentences)}")
+def _check_sentences(name: str, sentences: Sequence[Tensor], minimum: int = 2) -> list[Tensor]:
+    if len(sentences) < minimum:
+        raise ValueError(f"{name} needs at least {minimum} sentences, got {len(sentences)}")
     out = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in sentences]
     if any(s.numel() == 0 for s in out):
         raise ValueError(f"{name} holds an empty sentence")
@@ -135,7 +135,7 @@ def synapse_values(
     freqs, lam = _rope_damping(model, head)
     out: dict[str, list[np.ndarray]] = {f: [] for f in FEATURES}
     with torch.no_grad():
-        for s in _check_sentences("sentences", sentences):
+        for s in _check_sentences("sentences", sentences, minimum=1):
             y_prev, x = _activations(model, s[None], layer, head, dtype)
             traj = synapse_trajectories(y_prev, x, pairs, freqs, lam)[0]  # (T, P)
             for name, value in zip(FEATURES, _features(traj), strict=True):
