@@ -94,7 +94,7 @@ def test_blockwise_end_values_equal_the_full_sigma_with_rope():
     freqs, lam = concepts._rope_damping(model, head)
     rows = slice(10, 29)
     block = concepts._end_block(reading, layer, head, rows, freqs, lam)
-    np.testing.assert_allclose(block, full[rows].numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(block.numpy(), full[rows].numpy(), rtol=1e-10, atol=1e-12)
     pairs = [(3, 5), (40, 0), (63, 31)]
     values = concepts.synapse_values(model, [idx], layer, head, pairs)
     want = torch.stack([full[i, j] for i, j in pairs]).numpy()
