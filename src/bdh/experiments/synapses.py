@@ -69,6 +69,8 @@ class SynapsesConfig:
     contrast: str | None = None
     discovery: int = 100  # concept sentences (and as many contrast) searched on
     test: int = 50  # held-out concept sentences (and as many contrast)
+    concepts: str | None = None  # comma-separated names of CONCEPTS (default: all)
+    search: str = "en,fr"  # languages searched on (each best synapse is tested on both)
     top_k: int = 10
     candidates: int = 64  # per head, rescored with the jump value
     passage_bytes: int = 2048  # Fig. 11's long passage
@@ -171,7 +173,13 @@ def builtin_sets(cfg: SynapsesConfig, log: Any) -> list[ConceptSets]:
         return any(pat.search(p[0]) or pat.search(p[1]) for pat in every)
 
     out = []
+    wanted = [c.strip() for c in (cfg.concepts or ",".join(CONCEPTS)).split(",") if c.strip()]
+    unknown = [c for c in wanted if c not in CONCEPTS]
+    if unknown:
+        raise ValueError(f"unknown concept {unknown[0]!r}; choose from {', '.join(CONCEPTS)}")
     for k, (name, words) in enumerate(CONCEPTS.items()):
+        if name not in wanted:
+            continue
         en = _pattern(words["en"])
         sets = concept_sets(
             items, name, lambda p, en=en: bool(en.search(p[0])), excluded,
@@ -236,7 +244,10 @@ def analyse(model: Any, tokenizer: Any, sets: ConceptSets, cfg: SynapsesConfig, 
         return encode(tokenizer, _side(pairs, lang), lang)
 
     result: dict[str, Any] = {"sizes": sets.sizes, "available": sets.available}
-    for lang in langs:
+    searched = [lang for lang in cfg.search.split(",") if lang in langs]
+    if not searched:
+        raise ValueError(f"--search names no language of the data ({', '.join(langs)})")
+    for lang in searched:
         t0 = time.perf_counter()
         found = concepts.find_concept_synapses(
             model, enc(sets.discovery, lang), enc(sets.discovery_contrast, lang),
@@ -329,7 +340,7 @@ def table_markdown(payload: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, res in payload["concepts"].items():
-        for lang in (k for k in LANGS if k in res):
+        for lang in (k for k in LANGS if k in res and "search" in res[k]):
             best = res[lang]["search"]["top"][0]
             for t in (k for k in LANGS if f"test_{k}" in res[lang]):
                 rows.append(_row(name, lang, best, t, res[lang][f"test_{t}"]))
@@ -475,6 +486,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--contrast", metavar="FILE", help="contrast sentences, same format")
     p.add_argument(
+        "--concepts",
+        metavar="NAMES",
+        help=f"built-in concepts, comma-separated (default: {','.join(CONCEPTS)})",
+    )
+    p.add_argument(
+        "--search",
+        metavar="LANGS",
+        help="languages searched on; each best synapse is tested on both (default: en,fr)",
+    )
+    p.add_argument(
         "--discovery",
         type=int,
         metavar="N",
@@ -500,8 +521,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> SynapsesConfig:
-    keys = ("ckpt", "pairs", "concept", "contrast", "discovery", "test", "top_k", "candidates",
-            "seed", "out")  # fmt: skip
+    keys = ("ckpt", "pairs", "concept", "contrast", "concepts", "search", "discovery", "test",
+            "top_k", "candidates", "seed", "out")  # fmt: skip
     given = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if args.quick:
         return SynapsesConfig.quick_config(**given)
@@ -517,6 +538,8 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Path]:
     payload, extra = run_synapses(cfg, log)
     out = Path(cfg.out)
     name = "synapses-quick" if cfg.quick else "synapses"
+    if cfg.concepts:
+        name += "-" + cfg.concepts.replace(",", "-")
     figs = plot(payload, extra, out, name)
     table = table_markdown(payload)
     paths = write_outputs(out, name, payload, table)
