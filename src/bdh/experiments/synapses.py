@@ -71,6 +71,7 @@ class SynapsesConfig:
     test: int = 50  # held-out concept sentences (and as many contrast)
     concepts: str | None = None  # comma-separated names of CONCEPTS (default: all)
     search: str = "en,fr"  # languages searched on (each best synapse is tested on both)
+    control: bool = True  # the shuffled-label search
     top_k: int = 10
     candidates: int = 64  # per head, rescored with the jump value
     passage_bytes: int = 2048  # Fig. 11's long passage
@@ -264,7 +265,8 @@ def analyse(model: Any, tokenizer: Any, sets: ConceptSets, cfg: SynapsesConfig, 
         log(f"[synapses] {sets.name} {lang}: best {_name(best)} discovery AUC {best.auc:.3f};"
             + "".join(f" held-out {t}: r {entry[f'test_{t}']['r']:+.3f}"
                       f" p {entry[f'test_{t}']['p']:.2g}" for t in langs))  # fmt: skip
-    result["control"] = _control(model, sets, cfg, enc, log)
+    if cfg.control:
+        result["control"] = _control(model, sets, cfg, enc, log)
     return result
 
 
@@ -344,10 +346,10 @@ def table_markdown(payload: dict[str, Any]) -> str:
             best = res[lang]["search"]["top"][0]
             for t in (k for k in LANGS if f"test_{k}" in res[lang]):
                 rows.append(_row(name, lang, best, t, res[lang][f"test_{t}"]))
-        ctl = res["control"]
-        rows.append(
-            _row(name, "en, shuffled labels", ctl["search"]["top"][0], "en", ctl["test_en"])
-        )
+        ctl = res.get("control")
+        if ctl:
+            top = ctl["search"]["top"][0]
+            rows.append(_row(name, "en, shuffled labels", top, "en", ctl["test_en"]))
     return "\n".join(rows) + "\n"
 
 
@@ -361,15 +363,15 @@ def _row(name: str, lang: str, best: dict, test_lang: str, t: dict) -> str:
 
 
 def plot(payload: dict[str, Any], extra: dict, out: Path, prefix: str) -> dict[str, Path]:
-    """Figs. 11–13 for the first concept's English best synapse."""
+    """Figs. 11–13 for the first concept's best synapse (of the first language searched on)."""
     import matplotlib
 
     matplotlib.use("Agg")
     model, tok, sets = extra["model"], extra["tokenizer"], extra["sets"][0]
     res = payload["concepts"][sets.name]
-    best = concepts.Synapse(
-        **{k: v for k, v in res["en"]["search"]["top"][0].items() if k != "auc"}
-    )
+    lang = next(k for k in LANGS if k in res)  # the first language searched on
+    top = res[lang]["search"]["top"][0]
+    best = concepts.Synapse(**{k: v for k, v in top.items() if k != "auc"})
     paths = {
         "fig11": _fig11(model, tok, sets, best, payload, out / f"{prefix}-fig11.png"),
         "fig12": _fig12(model, tok, sets, best, out / f"{prefix}-fig12.png"),
@@ -486,6 +488,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--contrast", metavar="FILE", help="contrast sentences, same format")
     p.add_argument(
+        "--no-control",
+        dest="control",
+        action="store_false",
+        default=None,
+        help="skip the shuffled-label control search",
+    )
+    p.add_argument(
         "--concepts",
         metavar="NAMES",
         help=f"built-in concepts, comma-separated (default: {','.join(CONCEPTS)})",
@@ -522,7 +531,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> SynapsesConfig:
     keys = ("ckpt", "pairs", "concept", "contrast", "concepts", "search", "discovery", "test",
-            "top_k", "candidates", "seed", "out")  # fmt: skip
+            "top_k", "candidates", "seed", "out", "control")  # fmt: skip
     given = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if args.quick:
         return SynapsesConfig.quick_config(**given)
