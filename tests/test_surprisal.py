@@ -84,6 +84,17 @@ def test_memorisation_and_repetition_are_the_first_and_later_presentations():
     assert f["loss_per_presentation"] == sorted(f["loss_per_presentation"], reverse=True)
 
 
+def test_french_sentences_are_distinct_and_drawn_from_the_whole_file(tmp_path):
+    tsv = tmp_path / "pairs.tsv"
+    rows = [f"e{i}\tf{i:03d}" for i in range(300)] + ["dup\tf000", "bad line"]
+    tsv.write_text("\n".join(rows) + "\n")
+    text = exp.french_text(tsv, 200, np.random.default_rng(0)).decode()
+    lines = text.split("\n")
+    assert len(lines) == len(set(lines)) == 40  # 5 bytes a line: 200 bytes
+    assert set(lines) <= {f"f{i:03d}" for i in range(300)}
+    assert max(int(x[1:]) for x in lines) > 150  # not the head of the file
+
+
 def test_experiment_quick_end_to_end(tmp_path, capsys):
     data, ood = tmp_path / "corpus.txt", tmp_path / "other.txt"
     data.write_text(synthetic_text(20_000))

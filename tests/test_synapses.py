@@ -81,10 +81,12 @@ def test_bad_arguments_are_named():
 # ---------------------------------------------------------------- on the model
 
 
-def _graph_model(rope: bool, seed: int = 0) -> BDH:
+def _graph_model(rope: bool, seed: int = 0, damping=None) -> BDH:
     """BDH-Normfree with the neuron residual (Eq. 7-8), float64, weights large enough that the
     activations neither vanish nor explode over two layers."""
-    config = BDHConfig.from_name("tiny", n_layer=3, residual="neuron", rope=rope, layernorm=False)
+    config = BDHConfig.from_name(
+        "tiny", n_layer=3, residual="neuron", rope=rope, layernorm=False, damping=damping
+    )
     torch.manual_seed(seed)
     model = BDH(config).to(torch.float64).eval()
     with torch.no_grad():
@@ -97,9 +99,11 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def test_E_sigma_is_the_models_attention_state():
-    """ρ = E σ (SPEC §5.1): without rotation, S_l (N × D per head) = σᵀ E, to float64 rounding."""
-    model = _graph_model(rope=False)
+@pytest.mark.parametrize("damping", [None, [0.7, 0.95]])
+def test_E_sigma_is_the_models_attention_state(damping):
+    """ρ = E σ (SPEC §5.1): without rotation, S_l (N × D per head) = σᵀ E, to float64 rounding;
+    with damping, both decay by the head's λ per token."""
+    model = _graph_model(rope=False, damping=damping)
     idx = torch.randint(0, 256, (2, 23), generator=torch.Generator().manual_seed(1))
     state = model.init_state(batch_size=2)
     with torch.no_grad():

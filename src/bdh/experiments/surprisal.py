@@ -256,21 +256,23 @@ def windows_of(tokens: np.ndarray, block: int, count: int) -> torch.Tensor:
     return torch.as_tensor(np.asarray(tokens[: W * block], dtype=np.int64)).view(W, block)
 
 
-def french_text(path: Path, limit_bytes: int) -> bytes:
-    """French sentences (the second column of a Tatoeba-style TSV), one per line."""
+def french_text(path: Path, limit_bytes: int, rng: np.random.Generator) -> bytes:
+    """Distinct French sentences (the second column of a Tatoeba-style TSV) drawn at random, one
+    per line, about limit_bytes of them: the file is sorted by length, so its head would be only
+    the shortest exclamations."""
     from bdh.data import DataError
 
     if not path.is_file():
         raise DataError(f"out-of-domain text not found: {path} (give one with --ood FILE)")
-    lines, size = [], 0
     with path.open("rb") as f:
-        for raw in f:
-            parts = raw.rstrip(b"\n").split(b"\t")
-            if len(parts) >= 2 and parts[1]:
-                lines.append(parts[1])
-                size += len(parts[1]) + 1
-                if size >= limit_bytes:
-                    break
+        rows = (raw.rstrip(b"\n").split(b"\t") for raw in f)
+        sentences = list(dict.fromkeys(r[1] for r in rows if len(r) >= 2 and r[1]))
+    lines, size = [], 0
+    for k in rng.permutation(len(sentences)):
+        lines.append(sentences[k])
+        size += len(sentences[k]) + 1
+        if size >= limit_bytes:
+            break
     return b"\n".join(lines)
 
 
@@ -284,8 +286,8 @@ def sources(cfg: SurprisalConfig, ckpt: Any, rng: np.random.Generator) -> dict[s
         ood_bytes = bdh_data.load_corpus(cfg.ood).split("all")
         ood_name = f"out-of-domain ({Path(cfg.ood).name})"
     else:
-        ood_bytes = french_text(shared_data_dir() / FRENCH_FILE, 4 * cfg.tokens)
-        ood_name = "French (Tatoeba)"
+        ood_bytes = french_text(shared_data_dir() / FRENCH_FILE, 2 * cfg.tokens, rng)
+        ood_name = "French (Tatoeba, random sentences)"
     ood = np.asarray(ckpt.tokenizer.encode(ood_bytes.decode("utf-8", "replace")))[: cfg.tokens]
     return {"in-domain (held out)": held, ood_name: ood, "shuffled held-out": rng.permutation(held)}
 

@@ -69,7 +69,7 @@ def synapses(
     y_prev, x = _activations(model, idx, layer, head, dtype)
     use_rope = config.rope if rope is None else rope
     freqs = model.attn.freqs.reshape(-1) if use_rope else None
-    damping = config.damping_per_head()
+    damping = model.attn.damping  # the model's own λ_h (a float32 buffer unless cast)
     lam = 1.0 if damping is None else float(damping[head])
     if pairs is not None:
         if times is not None:
