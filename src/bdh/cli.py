@@ -473,7 +473,7 @@ def _experiment_arguments(p: argparse.ArgumentParser) -> None:
 
 
 @verb("experiment", "BDH vs the GPT baseline (scaling, translation, length), merging, or inside"
-      " BDH (surprisal, neuron-graph)",
+      " BDH (surprisal, synapses, neuron-graph)",
       _experiment_arguments)  # fmt: skip
 def _experiment(args: argparse.Namespace) -> int:
     from bdh.experiments import run

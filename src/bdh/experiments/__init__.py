@@ -5,6 +5,7 @@
     bdh experiment length [--quick] [...]        # loss against position, far past the block
     bdh experiment merge [--quick] [...]         # Table 2: two fine-tunes of one base, merged
     bdh experiment surprisal --ckpt C [--quick]  # neuron activity against surprisal (Fig. 14)
+    bdh experiment synapses --ckpt C [--quick]   # concept synapses, held-out (Figs. 11-13)
     bdh experiment neuron-graph --ckpt C [...]   # G = D_x E: tails, modularity (Figs. 9-10)
 
 `benchmarks/scaling.py` and `benchmarks/translation.py` run the same code. Each writes
@@ -19,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-EXPERIMENTS = ("scaling", "translation", "length", "merge", "surprisal", "neuron-graph")
+EXPERIMENTS = ("scaling", "translation", "length", "merge", "surprisal", "synapses", "neuron-graph")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,6 +69,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     surprisal.add_arguments(
         sub.add_parser("surprisal", help="a checkpoint's neuron activity against its surprisal")
+    )
+    from bdh.experiments import synapses
+
+    synapses.add_arguments(
+        sub.add_parser("synapses", help="a concept's synapse: searched, tested held-out, En/Fr")
     )
 
     _neuron_graph_arguments(sub)
@@ -145,6 +151,10 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Path]:
         from bdh.experiments import surprisal
 
         return surprisal.run(args, log)
+    if args.experiment == "synapses":
+        from bdh.experiments import synapses
+
+        return synapses.run(args, log)
     if args.experiment == "neuron-graph":
         return _run_neuron_graph(args, log)
     cfg = config_from_args(args)

@@ -12,6 +12,14 @@ The names and their shapes: the module `bdh.interpret.hooks` and the README. Obs
 nothing the model computes unless a hook returns a replacement.
 """
 
+from bdh.interpret.concepts import (
+    SearchResult,
+    SeparationTest,
+    Synapse,
+    find_concept_synapses,
+    separation,
+    test_synapse,
+)
 from bdh.interpret.hooks import (
     ActivationCache,
     Names,
@@ -47,4 +55,13 @@ __all__ += [
     "synapse_matrices",
     "synapse_trajectories",
     "synapses",
+]
+# concept synapses: search and held-out test
+__all__ += [
+    "SearchResult",
+    "SeparationTest",
+    "Synapse",
+    "find_concept_synapses",
+    "separation",
+    "test_synapse",
 ]
