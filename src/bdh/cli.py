@@ -575,6 +575,7 @@ def _inspect(args: argparse.Namespace) -> int:
             f" {what['split']} split of {what['data']} in windows of {what['block_size']}"
         )
         print(sparsity.table_markdown({what["model"]: summary}), end="")
+    return 0
 
 
 # ---------------------------------------------------------------------------- view
