@@ -30,6 +30,7 @@ from bdh.baseline.presets import LADDER, QUICK_LADDER
 from bdh.checkpoint import load_checkpoint
 from bdh.config import ConfigError
 from bdh.experiments.runs import heldout_tokens, read_curve
+from bdh.figures import save_figure
 from bdh.streams import evaluate_streams
 from bdh.train import METRICS_FILE, TrainConfig, evaluate, train
 
@@ -227,9 +228,4 @@ def plot(payload: dict[str, Any], path: str | Path) -> Path:
     ax.set_title(f"{c['size']} models, {c['tokens']:,} training tokens, read as streams")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

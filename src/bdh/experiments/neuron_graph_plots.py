@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from bdh.figures import save_figure
 from bdh.interpret import neuron_graph as ng
 
 COLORS = {
@@ -66,10 +67,7 @@ def fig9a(payload: dict[str, Any], plots: dict[str, Any], path: Path) -> Path:
         axes[r][0].set_ylabel(f"density (β = {res['beta_units']:.2f} rms)", fontsize=8)
     axes[0][0].legend(fontsize=6)
     fig.suptitle(f"Fig. 9a: entries of G per encoder head — {payload['checkpoint']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def fig9b(payload: dict[str, Any], path: Path) -> Path:
@@ -93,10 +91,7 @@ def fig9b(payload: dict[str, Any], path: Path) -> Path:
         ax.set_ylim(bottom=0)
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Fig. 9b: modularity vs edges (dotted: the chosen β)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def fig10(payload: dict[str, Any], plots: dict[str, Any], path: Path) -> Path:
@@ -121,10 +116,7 @@ def fig10(payload: dict[str, Any], plots: dict[str, Any], path: Path) -> Path:
         ax.set_title(_fit_title(side, fit), fontsize=8)
     _core_drawing(axes[2], p, res)
     fig.suptitle(f"Fig. 10: the whole G_x graph at β = {res['beta_units']:.2f} rms", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def _fit_line(ax: Any, deg: np.ndarray, fit: dict[str, Any]) -> None:

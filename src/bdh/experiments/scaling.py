@@ -32,6 +32,7 @@ from bdh.experiments.runs import (
     side_by_side_rates,
     train_run,
 )
+from bdh.figures import save_figure
 from bdh.train import TrainConfig
 
 MODELS = ("bdh", "gpt")
@@ -236,12 +237,7 @@ def plot(payload: dict[str, Any], path: str | Path) -> Path:
     right.legend(fontsize=7, ncol=2)
     for ax in (left, right):
         ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def _alphas(n: int) -> list[float]:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 from bdh.experiments.runs import shared_data_dir
+from bdh.figures import save_figure
 
 WARMUP, WORD, REPEATS = 13, 8, 8  # Fig. 14: 13 + 8·8 = 77 letters
 GROUPS = 8  # Fig. 14b: rotary-frequency groups
@@ -547,10 +548,7 @@ def plot(payload: dict[str, Any], out: Path) -> dict[str, Path]:
         axes[1, c].set(
             xlabel="position (13 warm-up letters, then 8 × an 8-letter word)", ylabel="loss (nats)"
         )
-    fig.tight_layout()
-    paths = {"fig14a": out / "fig14a.png"}
-    fig.savefig(paths["fig14a"], dpi=110)
-    plt.close(fig)
+    paths = {"fig14a": save_figure(fig, out / "fig14a.png", dpi=110)}
 
     f = models["trained"]["fig14"]
     L = len(f["layers"])
@@ -578,10 +576,7 @@ def plot(payload: dict[str, Any], out: Path) -> dict[str, Path]:
             xlabel="frequency group (0: fastest rotation)", ylabel="memorising / repeating"
         )
     axes[0, 0].legend(fontsize=6, title="period (positions)", title_fontsize=6)
-    fig.tight_layout()
-    paths["fig14b"] = out / "fig14b.png"
-    fig.savefig(paths["fig14b"], dpi=110)
-    plt.close(fig)
+    paths["fig14b"] = save_figure(fig, out / "fig14b.png", dpi=110)
     return paths
 
 

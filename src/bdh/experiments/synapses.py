@@ -37,6 +37,7 @@ import torch
 from bdh import translation
 from bdh.checkpoint import load_checkpoint
 from bdh.experiments.runs import shared_data_dir
+from bdh.figures import save_figure
 from bdh.interpret import concepts
 from bdh.interpret.synapses import synapses
 
@@ -460,13 +461,7 @@ def _fig13(model: Any, tok: Any, sets: ConceptSets, best: Any, path: Path) -> Pa
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 # ---------------------------------------------------------------------------- command line

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bdh.figures import save_figure
+
 KINDS = ("x", "y")
 
 
@@ -213,12 +215,7 @@ def plot(stats: SparsityStats, path: str | Path, title: str = "") -> Path:
         top.legend()
         bottom.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 # ---------------------------------------------------------------------------- a checkpoint
