@@ -15,25 +15,15 @@ Screenshots of the views go to benchmarks/results/view/. The budget: < 5 MB, ope
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bdh.interpret.view import view_checkpoint
+from bdh.interpret.view import CHROMIUM_ARGS, find_chromium, view_checkpoint
 from common import RESULTS, machine_info, machine_line, write_json
 
-BROWSER_ARGS = [
-    "--no-sandbox",
-    "--headless",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 BUDGET_BYTES = 5_000_000
 BUDGET_SECONDS = 2.0
 
@@ -48,7 +38,7 @@ def main() -> int:
     p.add_argument(
         "--synapse", action="append", default=[], metavar="L,H,I,J", help="trace σ(i, j)"
     )
-    p.add_argument("--chromium", default=shutil.which("chromium"))
+    p.add_argument("--chromium", default=find_chromium())
     p.add_argument("--out", default=str(RESULTS / "view"))
     args = p.parse_args()
     from playwright.sync_api import sync_playwright
@@ -75,7 +65,7 @@ def main() -> int:
     browser_ms, goto_s, requests = [], [], []
     with sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
         context = pw.chromium.launch_persistent_context(
-            profile, executable_path=args.chromium, args=BROWSER_ARGS, headless=True,
+            profile, executable_path=args.chromium, args=CHROMIUM_ARGS, headless=True,
             viewport={"width": 1300, "height": 900},
         )  # fmt: skip
         context.on("request", lambda r: requests.append(r.url))

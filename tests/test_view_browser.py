@@ -19,27 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from bdh.interpret.view import view
+from bdh.interpret.view import CHROMIUM_ARGS, find_chromium, view
 from bdh.tokenizer import ByteTokenizer
 from test_interpret_hooks import trained_model
 
 TEXT = "the king and the lord of the night; the crown of the sweet king. " * 3
-BROWSER_ARGS = [
-    "--no-sandbox",  # run as root in containers
-    "--headless",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-def find_chromium() -> str | None:
-    for name in (os.environ.get("BDH_CHROMIUM"), "chromium", "chromium-browser"):
-        if name and (path := shutil.which(name)):
-            return path
-    return None
 
 
 def _missing(reason: str) -> None:
@@ -62,7 +46,7 @@ def browser(tmp_path_factory):
         context = p.chromium.launch_persistent_context(
             str(profile),
             executable_path=executable,
-            args=BROWSER_ARGS,
+            args=CHROMIUM_ARGS,
             headless=True,
             viewport={"width": 1300, "height": 900},
         )

@@ -38,30 +38,24 @@ from bdh.interpret.view import ViewPage, view
 __all__ = [
     "ActivationCache",
     "Names",
+    "SearchResult",
+    "SeparationTest",
+    "SparsityStats",
+    "Synapse",
     "ViewPage",
     "capture",
     "check_name",
+    "find_concept_synapses",
     "hook_names",
     "hooks",
+    "measure_sparsity",
     "run_with_cache",
     "run_with_hooks",
     "select_names",
-    "view",
-]
-# σ and sparsity, read from the named points above.
-__all__ += [
-    "SparsityStats",
-    "measure_sparsity",
+    "separation",
     "synapse_matrices",
     "synapse_trajectories",
     "synapses",
-]
-# concept synapses: search and held-out test
-__all__ += [
-    "SearchResult",
-    "SeparationTest",
-    "Synapse",
-    "find_concept_synapses",
-    "separation",
     "test_synapse",
+    "view",
 ]

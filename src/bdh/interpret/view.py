@@ -28,6 +28,8 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -48,6 +50,28 @@ TOP_LOGITS = 6  # tokens a neuron promotes / suppresses
 TOP_NEIGHBOURS = 5
 CONTEXT_TOKENS = 12  # tokens shown on each side of a top context
 WINDOW = 256  # tokens per forward pass when streaming a corpus
+
+# Opening the page in Debian's headless Chromium (as root in a container it needs --no-sandbox;
+# the last four flags keep it from reaching for the network at start).
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def find_chromium() -> str | None:
+    """The Chromium to open pages with: $BDH_CHROMIUM, else `chromium` on the PATH, or None."""
+    for name in (os.environ.get("BDH_CHROMIUM"), "chromium", "chromium-browser"):
+        if name and (path := shutil.which(name)):
+            return path
+    return None
+
+
 FREQ_BUCKETS = 4
 
 
