@@ -8,26 +8,34 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from bdh import train as train_module
+from bdh.checkpoint import load_checkpoint
 from bdh.cli import main
+from bdh.experiments import scaling
 from bdh.experiments.runs import RunRecord, interpolate, read_curve
 from bdh.experiments.scaling import (
     ScalingConfig,
-    equal_time_by_clock,
+    choose_lr,
+    equal_flops,
     equal_time_by_rate,
     table_markdown,
 )
 from bdh.experiments.translation import TranslationConfig, build_dataset
+from bdh.train import evaluate
 from conftest import REPO
 
 TINY_BUDGET = ["--tokens", "2048", "--eval-tokens", "1024"]
+SCALING_BUDGET = ["--tokens", "2048", "--val-tokens", "512", "--test-tokens", "512"]
 
 
-def _record(model: str, curve: list[tuple[int, float, float]]) -> RunRecord:
+def _record(model: str, curve: list[tuple[int, float, float]], flops: float = 0.0) -> RunRecord:
+    """A finished run with this validation curve and `flops` training FLOPs per token."""
     points = [{"tokens": t, "seconds": s, "val_loss": v} for t, s, v in curve]
     tokens, seconds = curve[-1][0], curve[-1][1]
-    return RunRecord(model, "1m", 1, tokens, 4, seconds, None, 0.0, points)
+    return RunRecord(model, "1m", 1, tokens, 4, seconds, None, flops * tokens, points)
 
 
 # ---------------------------------------------------------------- arithmetic
@@ -41,15 +49,23 @@ def test_interpolate_is_linear_inside_the_curve_and_none_outside():
     assert interpolate(curve, "tokens", 50) is None and interpolate(curve, "tokens", 301) is None
 
 
-def test_equal_time_compares_bdh_where_the_faster_gpt_ended():
-    # BDH: 400 tokens in 8 s; GPT: 400 tokens in 2 s.
-    bdh = _record("bdh", [(100, 2.0, 3.0), (200, 4.0, 2.6), (400, 8.0, 2.0)])
-    gpt = _record("gpt", [(100, 0.5, 3.2), (200, 1.0, 2.8), (400, 2.0, 2.4)])
-    clock = equal_time_by_clock(bdh, gpt)
-    assert clock == {"seconds": 2.0, "bdh": pytest.approx(3.0), "gpt": pytest.approx(2.4)}
-    # Side by side BDH ran at 50 tok/s and GPT at 200: the GPT ended at 2 s, BDH had 100 tokens.
-    rate = equal_time_by_rate(bdh, gpt, {"bdh": 50.0, "gpt": 200.0})
-    assert rate == {"seconds": 2.0, "bdh": pytest.approx(3.0), "gpt": pytest.approx(2.4)}
+def test_equal_time_and_equal_flops_read_bdh_where_the_cheaper_gpt_ended():
+    # BDH: 400 tokens, 4x the GPT's FLOPs per token; side by side 50 vs 200 tok/s.
+    bdh = _record("bdh", [(100, 2.0, 3.0), (200, 4.0, 2.6), (400, 8.0, 2.0)], flops=4.0)
+    gpt = _record("gpt", [(100, 0.5, 3.2), (200, 1.0, 2.8), (400, 2.0, 2.4)], flops=1.0)
+    # The GPT ended at 2 s; BDH had trained 100 tokens by then.
+    assert equal_time_by_rate(bdh, gpt, {"bdh": 50.0, "gpt": 200.0}) == (
+        pytest.approx(3.0),
+        pytest.approx(2.4),
+    )
+    # The GPT's 400 tokens cost what BDH's first 100 did.
+    assert equal_flops(bdh, gpt) == (pytest.approx(3.0), pytest.approx(2.4))
+
+
+def test_choose_lr_takes_the_lowest_mean_and_never_a_diverged_run():
+    assert choose_lr({1e-3: [2.0, 2.2], 3e-3: [2.05, 2.05], 1e-2: [2.3, 1.9]}) == 3e-3
+    assert choose_lr({1e-3: [2.0], 3e-3: [float("nan")]}) == 1e-3
+    assert choose_lr({1e-3: [2.0], 3e-3: [2.0]}) == 1e-3  # a tie goes to the lower rate
 
 
 def test_read_curve_sums_step_times_up_to_each_validation(tmp_path):
@@ -64,12 +80,13 @@ def test_read_curve_sums_step_times_up_to_each_validation(tmp_path):
     ]
 
 
-def test_the_two_models_of_a_size_differ_only_in_model_and_optionally_lr():
-    cfg = ScalingConfig(gpt_lr=1e-3)
-    bdh, gpt = cfg.train_config("bdh", "1m"), cfg.train_config("gpt", "1m")
-    assert (bdh.lr, gpt.lr) == (3e-3, 1e-3)
+def test_the_runs_of_a_size_differ_only_in_model_lr_and_seed():
+    cfg = ScalingConfig()
+    bdh, gpt = cfg.train_config("bdh", "1m", 1e-3, 1), cfg.train_config("gpt", "1m", 3e-3, 2)
     differ = {k for k, v in bdh.to_dict().items() if gpt.to_dict()[k] != v}
-    assert differ == {"model", "out", "lr"}
+    assert differ == {"model", "out", "lr", "seed"}
+    # The trainer's own validation reads only the validation slice.
+    assert bdh.val_limit == cfg.val_tokens
     assert TranslationConfig().train_config("gpt").lr == TranslationConfig().lr
 
 
@@ -78,6 +95,10 @@ def test_bad_experiment_settings_raise_config_errors():
         ScalingConfig(sizes=["2m"])
     with pytest.raises(ValueError, match="at least one step"):
         ScalingConfig(tokens=10)
+    with pytest.raises(ValueError, match="select_seeds"):
+        ScalingConfig(seeds=[1], select_seeds=2)
+    with pytest.raises(ValueError, match="distinct"):
+        ScalingConfig(seeds=[1, 1])
     with pytest.raises(ValueError, match="unknown ladder size"):
         TranslationConfig(size="huge")
 
@@ -85,35 +106,83 @@ def test_bad_experiment_settings_raise_config_errors():
 # ---------------------------------------------------------------- scaling, one command
 
 
-def test_scaling_quick_writes_json_table_and_plot(tmp_path, text_file):
+def test_scaling_quick_writes_json_table_and_plot_and_reuses_runs(tmp_path, text_file):
     runs, out = tmp_path / "runs", tmp_path / "out"
-    args = ["experiment", "scaling", "--quick", "--data", str(text_file), *TINY_BUDGET]
-    assert main([*args, "--runs", str(runs), "--out", str(out)]) == 0
+    args = ["experiment", "scaling", "--quick", "--data", str(text_file), *SCALING_BUDGET]
+    args += ["--lrs", "3e-3,1e-2", "--runs", str(runs), "--out", str(out)]
+    assert main(args) == 0
     payload = json.loads((out / "scaling-quick.json").read_text())
     rows = payload["rows"]
-    assert [r["size"] for r in rows] == ["q70k", "q170k", "q470k"]
+    assert [r["size"] for r in rows] == ["q70k", "q170k"]
     for r in rows:
-        assert r["gap_nats"] == pytest.approx(r["loss"]["bdh"] - r["loss"]["gpt"])
-        assert r["gap_percent"] == pytest.approx(100 * r["gap_nats"] / r["loss"]["gpt"])
+        tok = r["equal_tokens"]
+        gaps = [b - g for b, g in zip(tok["bdh"]["values"], tok["gpt"]["values"], strict=True)]
+        assert tok["gap"]["values"] == pytest.approx(gaps) and len(gaps) == 2  # paired by seed
         assert abs(r["param_gap"]) <= 0.03
         # Same token budget; BDH pays more FLOPs per token than its matched GPT.
-        assert payload["runs"][r["size"]]["bdh"]["tokens"] == r["tokens"]
-        assert payload["runs"][r["size"]]["gpt"]["tokens"] == r["tokens"]
+        for model in ("bdh", "gpt"):
+            for run in payload["runs"][r["size"]][model].values():
+                assert run["tokens"] == tok["tokens"] and run["cpu_s"] > 0
         assert r["train_flops"]["bdh"] > r["train_flops"]["gpt"]
-        assert r["wall_s"]["bdh"] > 0 and r["wall_s"]["gpt"] > 0
     table = (out / "scaling-quick.md").read_text()
-    assert table == table_markdown(payload) and table.count("\n| q") == 3
+    assert table == table_markdown(payload) and table.count("\n| q70k |") == 3  # row, 2 sweep
     assert (out / "scaling-quick.png").stat().st_size > 10_000
-    # A second call reuses the finished runs (no training: no CPU time recorded).
-    assert main([*args, "--runs", str(runs), "--out", str(out), "--sizes", "q70k"]) == 0
+    # A second call reuses every finished run (no training: no CPU time recorded).
+    assert main([*args, "--sizes", "q70k"]) == 0
     again = json.loads((out / "scaling-quick.json").read_text())
-    assert again["runs"]["q70k"]["bdh"]["cpu_s"] is None
-    assert again["rows"][0]["loss"] == rows[0]["loss"]
+    assert again["runs_reused"] == 3 + 3 and again["cpu_s_trained_now"] == 0
+    assert again["rows"][0]["equal_tokens"] == rows[0]["equal_tokens"]
+
+
+def test_the_sweep_chooses_the_lowest_validation_loss_before_reading_the_test_slice(
+    tmp_path, text_file, monkeypatch
+):
+    cfg = ScalingConfig.quick(
+        sizes=["q70k"], data=str(text_file), tokens=2048, val_tokens=512, test_tokens=512,
+        lrs=[1e-3, 3e-2, 1.0], runs=str(tmp_path / "runs"),
+    )  # fmt: skip
+    split = scaling.heldout_tokens(str(text_file), 1024)
+    val, test = split[:513], split[512:]
+    reads: list[str] = []  # "val" / "test" for every held-out scoring, in order
+    estimate, final_eval = train_module.estimate, scaling.final_eval
+
+    def spy_estimate(model, tokens, *rest):  # the trainer's periodic validation
+        assert np.array_equal(np.asarray(tokens), val), "the trainer read past the validation slice"
+        reads.append("val")
+        return estimate(model, tokens, *rest)
+
+    def spy_final(record, tokens, block):
+        reads.append("test" if np.array_equal(tokens, test) else "val")
+        assert reads[-1] == "test" or np.array_equal(tokens, val)
+        return final_eval(record, tokens, block)
+
+    monkeypatch.setattr(train_module, "estimate", spy_estimate)
+    monkeypatch.setattr(scaling, "final_eval", spy_final)
+    payload = scaling.run_scaling(cfg, log=lambda line: None)
+
+    # Every test-slice read comes after the last validation read: the choice never saw it.
+    assert "test" in reads and "val" not in reads[reads.index("test") :]
+    for model in ("bdh", "gpt"):
+        # The chosen rate has the lowest validation loss, recomputed here from the checkpoints.
+        losses = {}
+        for lr in cfg.lrs:
+            ckpt = load_checkpoint(
+                Path(cfg.runs) / "q70k" / model / f"lr{lr:g}-seed1337" / "checkpoint"
+            )
+            losses[lr] = evaluate(ckpt.model, val, ckpt.tokenizer.bytes_per_token, 32).loss
+            assert payload["sweep"]["q70k"][model]["lrs"][f"{lr:g}"]["val_loss"] == [
+                pytest.approx(losses[lr])
+            ]
+        assert payload["chosen_lr"]["q70k"][model] == min(losses, key=losses.get)
+        assert payload["chosen_lr"]["q70k"][model] == 3e-2  # neither end of the grid
+        # Only the chosen rate's runs were scored on the test slice, one per seed.
+        assert set(payload["runs"]["q70k"][model]) == {"1337", "1338"}
+    assert reads.count("test") == 4
 
 
 def test_benchmark_script_runs_the_same_experiment(tmp_path, text_file):
     cmd = [sys.executable, str(REPO / "benchmarks" / "scaling.py"), "--quick"]
-    cmd += ["--sizes", "q70k", "--data", str(text_file), *TINY_BUDGET]
+    cmd += ["--sizes", "q70k", "--data", str(text_file), *SCALING_BUDGET]
     cmd += ["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

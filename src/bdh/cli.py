@@ -182,6 +182,12 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
         help=f"batches per validation {_default('eval_batches')}",
     )
     g.add_argument(
+        "--val-limit",
+        type=int,
+        metavar="N",
+        help="validate on the first N tokens of the validation split only (default: all)",
+    )
+    g.add_argument(
         "--ckpt-interval",
         type=int,
         metavar="N",

@@ -99,6 +99,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # global norm; 0 disables clipping
     eval_interval: int = 250
     eval_batches: int = 16
+    # Validate on the first N tokens of the validation split only (None: all of it), so that an
+    # experiment can keep the rest of the split unseen until its final test.
+    val_limit: int | None = None
     ckpt_interval: int = 500
     log_interval: int = 50  # a log line every N steps when there is no progress bar
     seed: int = 1337
@@ -126,6 +129,11 @@ class TrainConfig:
         for name in ("warmup_steps", "threads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.val_limit is not None and (
+            isinstance(self.val_limit, bool) or not isinstance(self.val_limit, int)
+            or self.val_limit < 1
+        ):  # fmt: skip
+            raise ConfigError(f"val_limit must be a positive integer or null, got {self.val_limit}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ConfigError(f"max_minutes must be > 0, got {self.max_minutes!r}")
         if not self.lr > 0:
@@ -427,6 +435,13 @@ def _prepare_data(
     return tokenizer, train_tokens, val_tokens
 
 
+def _limit_val(
+    cfg: TrainConfig, val_tokens: np.ndarray | bdh_data.TokenFile
+) -> np.ndarray | bdh_data.TokenFile:
+    """The validation tokens the run may read: all, or the first val_limit predictions."""
+    return val_tokens if cfg.val_limit is None else val_tokens[: cfg.val_limit + 1]
+
+
 def _check_data(run: _Run) -> None:
     V, T = run.model_config.vocab_size, run.cfg.block_size
     bdh_data.check_tokens(run.train_tokens, T, V, f"the train split of {run.cfg.data}")
@@ -455,7 +470,7 @@ def _new_run(cfg: TrainConfig, log: Callable[[str], None]) -> _Run:
     )
     return _Run(
         cfg, model, model_config, tokenizer, _optimizer(model, cfg), sampler,
-        train_tokens, val_tokens, stepper=distributed.Stepper(model, cfg),
+        train_tokens, _limit_val(cfg, val_tokens), stepper=distributed.Stepper(model, cfg),
     )  # fmt: skip
 
 
@@ -475,8 +490,8 @@ def _resumed_run(cfg: TrainConfig, overrides: dict[str, Any], log: Callable[[str
     )
     optimizer = _optimizer(ckpt.model, cfg)
     run = _Run(
-        cfg, ckpt.model, ckpt.config, tokenizer, optimizer, sampler, train_tokens, val_tokens,
-        stepper=distributed.Stepper(ckpt.model, cfg),
+        cfg, ckpt.model, ckpt.config, tokenizer, optimizer, sampler, train_tokens,
+        _limit_val(cfg, val_tokens), stepper=distributed.Stepper(ckpt.model, cfg),
     )  # fmt: skip
     try:
         _restore_training(run, ckpt)

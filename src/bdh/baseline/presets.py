@@ -29,13 +29,17 @@ from __future__ import annotations
 from typing import Any
 
 from bdh.baseline.gpt import GPT_PRESETS, GPTConfig
+from bdh.config import DAMPING_SCHEDULE, BDHConfig, ConfigError
 from bdh.config import PRESETS as BDH_PRESETS
-from bdh.config import BDHConfig, ConfigError
 
 MATCH_TOLERANCE = 0.03
 
+# BDH's state is damped with ALiBi's per-head schedule, as its GPT's attention is by ALiBi itself
+# (and as every BDH preset is: see bdh.config.PRESETS). Damping adds no parameter.
 _BDH_BASE: dict[str, Any] = {"n_layer": 4, "n_embd": 128, "n_head": 4, "dropout": 0.0}
+_BDH_BASE["damping"] = DAMPING_SCHEDULE
 _BDH_QUICK: dict[str, Any] = {"n_layer": 2, "n_embd": 64, "n_head": 2, "dropout": 0.0}
+_BDH_QUICK["damping"] = DAMPING_SCHEDULE
 _GPT_BASE: dict[str, Any] = {"position": "alibi", "dropout": 0.0}
 
 # size -> (BDH multiplier, GPT (n_layer, n_embd, n_head))

@@ -31,6 +31,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     scaling.add_argument("--sizes", type=_names, help="ladder sizes, comma-separated"
                          " (default: 360k,1m,3m; quick: q70k,q170k,q470k)")  # fmt: skip
     scaling.add_argument("--data", metavar="SOURCE", help="bdh.data source (default: shakespeare)")
+    scaling.add_argument("--lrs", type=_floats, help="peak learning rates tried per model and"
+                         " size, comma-separated (default: 1e-3,3e-3,1e-2)")  # fmt: skip
+    scaling.add_argument("--seeds", type=_ints, help="seeds, comma-separated (default: 1337,1338)")
+    scaling.add_argument(
+        "--select-seeds", type=int, metavar="K",
+        help="the first K seeds train at every rate and choose it; the others train only at the"
+        " chosen rate (default: 1)",
+    )  # fmt: skip
+    for name, what in (("val", "validation slice: estimates and choice"), ("test", "test slice")):
+        scaling.add_argument(f"--{name}-tokens", type=int, metavar="N",
+                             help=f"{what} (default: 65536; quick 2048)")  # fmt: skip
     translation = sub.add_parser("translation", help="BDH vs GPT En-Fr BLEU and chrF")
     translation.add_argument(
         "--pairs", metavar="FILE",
@@ -60,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--eval-streams", type=int, metavar="N", help="held-out streams (default: 32; quick 2)"
     )
     for q in (scaling, translation, length):
-        _common_arguments(q)
+        _common_arguments(q, tuned=q is not scaling)
     from bdh.experiments.merge import add_merge_arguments
 
     add_merge_arguments(sub)
@@ -99,21 +110,24 @@ def _neuron_graph_arguments(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = default")
 
 
-def _common_arguments(p: argparse.ArgumentParser) -> None:
+def _common_arguments(p: argparse.ArgumentParser, tuned: bool = True) -> None:
+    """Options every training experiment has; `tuned` adds the single lr and seed (the scaling
+    experiment sweeps rates and seeds instead)."""
     p.add_argument("--quick", action="store_true", help="tiny sizes and budget: a smoke test")
     p.add_argument(
         "--tokens", type=int, metavar="N",
-        help="training tokens per run (default: 262144 scaling, 655360 translation; quick 8192)",
+        help="training tokens per run (default: 2097152 scaling, 655360 translation; quick 8192)",
     )  # fmt: skip
     p.add_argument("--batch-size", type=int, metavar="B", help="rows per step (default: 8)")
     p.add_argument("--block-size", type=int, metavar="T", help="tokens per row (default: 128)")
-    p.add_argument("--lr", type=float, help="peak learning rate of both models (default: 3e-3)")
-    p.add_argument("--gpt-lr", type=float, help="the GPT's peak learning rate (default: --lr)")
-    p.add_argument(
-        "--eval-tokens", type=int, metavar="N",
-        help="held-out tokens of the final loss, the same for every model (default: 65536)",
-    )  # fmt: skip
-    p.add_argument("--seed", type=int, help="seed of weights and batches (default: 1337)")
+    if tuned:
+        p.add_argument("--lr", type=float, help="peak learning rate of both models (default: 3e-3)")
+        p.add_argument("--gpt-lr", type=float, help="the GPT's peak learning rate (default: --lr)")
+        p.add_argument(
+            "--eval-tokens", type=int, metavar="N",
+            help="held-out tokens of the final loss, the same for every model (default: 65536)",
+        )  # fmt: skip
+        p.add_argument("--seed", type=int, help="seed of weights and batches (default: 1337)")
     p.add_argument("--threads", type=int, help="torch CPU threads, 0 = torch's default")
     p.add_argument("--runs", metavar="DIR", help="run directories (default: runs/<name>)")
     p.add_argument("--out", metavar="DIR", help="where to write JSON/PNG/table (default: --runs)")
@@ -122,6 +136,24 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
 
 def _names(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(s) for s in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(s) for s in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
 
 
 def config_from_args(args: argparse.Namespace) -> Any:

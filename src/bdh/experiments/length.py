@@ -29,7 +29,7 @@ from typing import Any
 from bdh.baseline.presets import LADDER, QUICK_LADDER
 from bdh.checkpoint import load_checkpoint
 from bdh.config import ConfigError
-from bdh.experiments.runs import heldout_tokens, read_curve
+from bdh.experiments.runs import heldout_tokens, machine_info, read_curve
 from bdh.figures import save_figure
 from bdh.streams import evaluate_streams
 from bdh.train import METRICS_FILE, TrainConfig, evaluate, train
@@ -137,23 +137,6 @@ def run_length(cfg: LengthConfig, log: Any = print) -> dict[str, Any]:
         "machine": machine,
         "heldout_tokens": len(heldout) - 1,
         "runs": runs,
-    }
-
-
-def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on: CPU, cores, torch and its threads, the load."""
-    import os
-    import platform
-
-    import torch
-
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 

@@ -87,12 +87,18 @@ def train_run(cfg: TrainConfig, log: Any = print, reuse: bool = True) -> RunReco
 
 
 def _finished(ckpt_dir: Path, cfg: TrainConfig) -> bool:
-    """A checkpoint of this very configuration at its last step."""
+    """A checkpoint of this very configuration, training and model, at its last step."""
     try:
-        meta = read_config(ckpt_dir)["meta"]
+        saved = read_config(ckpt_dir)
     except (OSError, ValueError):
         return False
-    return meta.get("train") == cfg.to_dict() and meta.get("step") == cfg.max_steps
+    meta, model = saved.get("meta", {}), resolve_model_config(cfg, 256).to_dict()
+    same_model = _shape(saved["config"]) == _shape(model)
+    return same_model and meta.get("train") == cfg.to_dict() and meta.get("step") == cfg.max_steps
+
+
+def _shape(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k != "meta"}
 
 
 def read_curve(metrics: Path, tokens_per_step: int) -> list[dict[str, float]]:
@@ -138,6 +144,20 @@ def final_eval(record: RunRecord, tokens: np.ndarray, block_size: int) -> dict[s
     ckpt = load_checkpoint(record.checkpoint)
     result = evaluate(ckpt.model, tokens, ckpt.tokenizer.bytes_per_token, block_size)
     return result.to_dict()
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on: CPU, cores, torch and its threads, the load."""
+    import platform
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
 
 
 # ---------------------------------------------------------------------------- speed

@@ -1,34 +1,50 @@
 """BDH against the parameter-matched GPT at several sizes (the paper's Fig. 7, at CPU scale).
 
 For each size of the ladder (`bdh.baseline.presets`), both models train through `bdh.train` on the
-same bytes with the same token budget, batches, schedule and seed; both are validated on the same
-blocks during training and evaluated at the end on the same held-out slice. Reported per size:
+same bytes with the same token budget, batches and schedule. The protocol a reviewer asks for:
 
-- the final validation loss of each model in nats per byte, the gap BDH − GPT in nats and in % of
-  the GPT's loss;
-- each run's wall-clock training time, CPU time and training FLOPs;
-- the loss both reach at equal wall-clock time: BDH spends ~5x the FLOPs of its GPT per token
-  (its attention runs in the neuron dimension and its weights are re-applied at every layer),
-  so at the time the GPT finishes, BDH has seen fewer tokens. Two clocks are given: each run's
-  own (noisy on a shared machine) and training speeds measured side by side in one process.
+- **Learning rate per model and size.** Each model trains at every rate of `lrs` with the first
+  `select_seeds` seeds; the rate with the lowest mean loss on the *validation slice* is chosen.
+  The remaining seeds then train at the chosen rate only (their losses never chose anything).
+- **Two held-out slices.** The validation split's first `val_tokens` tokens are the validation
+  slice: the trainer's periodic estimates (`TrainConfig.val_limit`) and the choice of rate read
+  only them. The next `test_tokens` tokens are the test slice, read once, after every rate has
+  been chosen, to score the chosen runs.
+- **Three views of the gap BDH − GPT** (nats per byte; negative: BDH is better), each as mean ±
+  standard deviation over seeds, the two models paired by seed:
+  - equal tokens: the test-slice loss at the end of training;
+  - equal training FLOPs: the validation curves where the cheaper model's budget ends
+    (BDH spends ~4x the FLOPs of its GPT per token, so there BDH is a quarter of the way through
+    its schedule, still at a high learning rate; this view is therefore kind to the GPT);
+  - equal wall-clock on this machine: the same, with time = tokens / the training speed of each
+    model measured side by side in one process (free of the drift between separate runs).
 
-`run_scaling` returns the JSON payload; `write_outputs` writes it with the plot and the table.
+Every finished run is kept in `runs/<size>/<model>/lr<lr>-seed<seed>` and reused when the same
+configuration is asked again, so the experiment resumes and extends (more seeds, rates or sizes).
+`run_scaling` returns the JSON payload; `table_markdown` and `plot` render it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from bdh.baseline.presets import LADDER, QUICK_LADDER, matched_pair, param_gap
 from bdh.config import ConfigError
+from bdh.data import DataError
 from bdh.experiments.runs import (
     RunRecord,
     final_eval,
     heldout_tokens,
     interpolate,
+    machine_info,
     side_by_side_rates,
     train_run,
 )
@@ -42,21 +58,24 @@ MODELS = ("bdh", "gpt")
 class ScalingConfig:
     """One scaling experiment; `quick()` is the CI-sized variant."""
 
-    sizes: list[str] = field(default_factory=lambda: ["360k", "1m", "3m"])
+    sizes: list[str] = field(default_factory=lambda: ["360k", "1m"])
     data: str = "shakespeare"  # any bdh.data source; the default corpus by default
-    tokens: int = 262_144  # training tokens per run (rounded down to whole steps)
+    tokens: int = 2_097_152  # training tokens per run (rounded down to whole steps)
     batch_size: int = 8
     block_size: int = 128
-    lr: float = 3e-3
-    # The GPT's own peak lr (None: the same as BDH's). Equal settings are the simplest fair
-    # protocol, but the deeper GPTs of the ladder prefer a lower lr (see the notes).
-    gpt_lr: float | None = None
+    # Peak learning rates tried for each model and size: a decade, in half-decade steps.
+    lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
+    seeds: list[int] = field(default_factory=lambda: [1337, 1338])
+    # The first `select_seeds` seeds train at every rate and choose it; the others train only at
+    # the chosen rate. 1 costs len(lrs) + len(seeds) - 1 runs per model and size instead of
+    # len(lrs) * len(seeds), and leaves the later seeds' losses unbiased by the choice.
+    select_seeds: int = 1
     warmup_fraction: float = 0.05
-    evals: int = 16  # validation points along each run (the loss-vs-time curves)
-    eval_batches: int = 4  # blocks per validation point (the same blocks for every run)
-    eval_tokens: int = 65_536  # the held-out slice of the final evaluation
+    evals: int = 16  # validation points along each run (the loss-vs-FLOPs and -time curves)
+    eval_batches: int = 8  # blocks per validation point (the same blocks for every run)
+    val_tokens: int = 65_536  # validation slice: the periodic estimates and the choice of rate
+    test_tokens: int = 65_536  # test slice: the next tokens, scored once, after the choice
     rate_rounds: int = 3  # rounds of the side-by-side speed measurement
-    seed: int = 1337
     threads: int = 0
     runs: str = "runs/scaling"  # run directories (checkpoints, metrics)
     reuse: bool = True  # keep finished runs of the same configuration
@@ -71,132 +90,312 @@ class ScalingConfig:
                 f"tokens ({self.tokens}) must cover at least one step of"
                 f" batch_size x block_size = {self.batch_size * self.block_size}"
             )
-        for name in ("evals", "eval_batches", "eval_tokens", "rate_rounds"):
+        if not self.lrs or any(not lr > 0 for lr in self.lrs):
+            raise ConfigError(f"lrs must be one or more positive rates, got {self.lrs}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds must be one or more distinct integers, got {self.seeds}")
+        if not 1 <= self.select_seeds <= len(self.seeds):
+            raise ConfigError(
+                f"select_seeds must be in [1, {len(self.seeds)}] (the number of seeds),"
+                f" got {self.select_seeds}"
+            )
+        for name in ("evals", "eval_batches", "val_tokens", "test_tokens", "rate_rounds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.lrs = sorted(float(lr) for lr in self.lrs)
 
     @classmethod
     def quick(cls, **changes: Any) -> ScalingConfig:
         """The quick ladder for a few seconds per run: a smoke test, not a scaling result."""
         fields: dict[str, Any] = dict(
-            sizes=list(QUICK_LADDER), tokens=8_192, batch_size=8, block_size=32, evals=4,
-            eval_batches=2, eval_tokens=4_096, rate_rounds=1, runs="runs/scaling-quick",
+            sizes=["q70k", "q170k"], tokens=8_192, batch_size=8, block_size=32, evals=4,
+            eval_batches=2, val_tokens=2_048, test_tokens=2_048, rate_rounds=1,
+            runs="runs/scaling-quick", seeds=[1337, 1338],
         )  # fmt: skip
         return cls(**{**fields, **changes})
-
-    def lr_of(self, model: str) -> float:
-        return self.gpt_lr if model == "gpt" and self.gpt_lr is not None else self.lr
 
     @property
     def steps(self) -> int:
         return self.tokens // (self.batch_size * self.block_size)
 
-    def train_config(self, model: str, size: str) -> TrainConfig:
-        """The trainer's settings of one run; the two models of a size differ only in `model`."""
+    def train_config(self, model: str, size: str, lr: float, seed: int) -> TrainConfig:
+        """One run's trainer settings; the runs of a size differ only in model, lr and seed."""
         data = str(Path(self.data).resolve()) if Path(self.data).exists() else self.data
         return TrainConfig(
-            data=data, out=str(Path(self.runs) / size / model), model=model, preset=size,
-            max_steps=self.steps, batch_size=self.batch_size, block_size=self.block_size,
-            lr=self.lr_of(model), warmup_steps=max(1, round(self.warmup_fraction * self.steps)),
+            data=data, out=str(Path(self.runs) / size / model / run_name(lr, seed)),
+            model=model, preset=size, max_steps=self.steps, batch_size=self.batch_size,
+            block_size=self.block_size, lr=lr,
+            warmup_steps=max(1, round(self.warmup_fraction * self.steps)),
             eval_interval=max(1, self.steps // self.evals), eval_batches=self.eval_batches,
-            ckpt_interval=self.steps, seed=self.seed, threads=self.threads,
+            val_limit=self.val_tokens, ckpt_interval=self.steps, seed=seed, threads=self.threads,
         )  # fmt: skip
 
 
+def run_name(lr: float, seed: int) -> str:
+    return f"lr{lr:g}-seed{seed}"
+
+
+# ---------------------------------------------------------------------------- held-out slices
+
+
+def validation_slice(cfg: ScalingConfig) -> np.ndarray:
+    """The first val_tokens predictions of the validation split: all the selection may read."""
+    return heldout_tokens(_data(cfg), cfg.val_tokens)
+
+
+def test_slice(cfg: ScalingConfig) -> np.ndarray:
+    """The test_tokens predictions after the validation slice. Read once, after selection."""
+    tokens = heldout_tokens(_data(cfg), cfg.val_tokens + cfg.test_tokens)
+    if len(tokens) < cfg.val_tokens + cfg.test_tokens + 1:
+        raise DataError(
+            f"the validation split of {cfg.data} has {len(tokens) - 1:,} predictions; the"
+            f" validation and test slices need {cfg.val_tokens + cfg.test_tokens:,}"
+            " (lower --val-tokens / --test-tokens)"
+        )
+    return tokens[cfg.val_tokens :]
+
+
+def _data(cfg: ScalingConfig) -> str:
+    return cfg.train_config("bdh", cfg.sizes[0], cfg.lrs[0], cfg.seeds[0]).data
+
+
+# ---------------------------------------------------------------------------- the experiment
+
+
 def run_scaling(cfg: ScalingConfig, log: Any = print) -> dict[str, Any]:
-    """Train and evaluate every pair; returns the JSON payload (config, runs, rows)."""
-    heldout = heldout_tokens(cfg.train_config("bdh", cfg.sizes[0]).data, cfg.eval_tokens)
-    runs: dict[str, dict[str, RunRecord]] = {}
-    rates: dict[str, dict[str, float]] = {}
+    """Sweep, choose, test; returns the JSON payload (config, sweep, choice, runs, rows)."""
+    if cfg.threads:  # the trainer sets the same for each run; the speed measurement uses it too
+        torch.set_num_threads(cfg.threads)
+    machine = machine_info()
+    log(f"[scaling] config {dataclasses.asdict(cfg)}")
+    log("[scaling] machine " + ", ".join(f"{k} {v}" for k, v in machine.items()))
+    started = time.perf_counter()
+    val = validation_slice(cfg)
+    test_slice(cfg)  # fails early on a split too short for both slices; the tokens are dropped
+    sweep: dict[str, dict[str, dict[str, Any]]] = {}
+    chosen: dict[str, dict[str, float]] = {}
+    runs: dict[str, dict[str, dict[int, RunRecord]]] = {}
     for size in cfg.sizes:
-        pair = [cfg.train_config(model, size) for model in MODELS]
+        sweep[size], chosen[size], runs[size] = {}, {}, {}
+        for model in MODELS:
+            sweep[size][model], chosen[size][model], runs[size][model] = _tune(
+                cfg, size, model, val, log
+            )
+    # Every rate is chosen: only now is the test slice read.
+    test = test_slice(cfg)
+    log(f"[scaling] rates chosen: {chosen}; scoring the chosen runs on the test slice")
+    for record in (r for s in runs.values() for m in s.values() for r in m.values()):
+        record.final = {**record.final, **final_eval(record, test, cfg.block_size)}
+    rates = {}
+    for size in cfg.sizes:
         log(f"[scaling] {size}: measuring training speed side by side")
-        rates[size] = side_by_side_rates(pair, rounds=cfg.rate_rounds, seed=cfg.seed)
-        runs[size] = {}
-        for train_cfg in pair:
-            log(f"[scaling] {size}: training {train_cfg.model} for {cfg.steps} steps")
-            record = train_run(train_cfg, log=log, reuse=cfg.reuse)
-            record.final = final_eval(record, heldout, cfg.block_size)
-            runs[size][train_cfg.model] = record
-            log(f"[scaling] {size} {train_cfg.model}: held-out loss {record.final['loss']:.4f}")
-    rows = [summarise(size, runs[size], rates[size]) for size in cfg.sizes]
+        pair = [cfg.train_config(m, size, chosen[size][m], cfg.seeds[0]) for m in MODELS]
+        rates[size] = side_by_side_rates(pair, rounds=cfg.rate_rounds, seed=cfg.seeds[0])
+    rows = [summarise(size, runs[size], rates[size], chosen[size], cfg.lrs) for size in cfg.sizes]
+    cpu = [c for s in sweep.values() for m in s.values() for c in m["cpu_s"]]
     return {
         "experiment": "scaling",
         "config": dataclasses.asdict(cfg),
-        "heldout_tokens": len(heldout) - 1,
+        "machine": machine,
+        "slices": {
+            "validation": [0, cfg.val_tokens],
+            "test": [cfg.val_tokens, cfg.val_tokens + cfg.test_tokens],
+        },
+        "sweep": sweep,
+        "chosen_lr": chosen,
         "rows": rows,
-        "runs": {s: {m: r.to_dict() for m, r in pair.items()} for s, pair in runs.items()},
+        "runs": {
+            s: {m: {str(seed): r.to_dict() for seed, r in per.items()} for m, per in pair.items()}
+            for s, pair in runs.items()
+        },
+        "cpu_s_trained_now": sum(c for c in cpu if c is not None),
+        "runs_reused": sum(c is None for c in cpu),
+        "wall_s": time.perf_counter() - started,
     }
 
 
-def summarise(size: str, pair: dict[str, RunRecord], rates: dict[str, float]) -> dict[str, Any]:
-    """One row of the table: final losses, the gap, time, FLOPs, and losses at equal time."""
-    bdh, gpt = pair["bdh"], pair["gpt"]
-    gap = bdh.final["loss"] - gpt.final["loss"]
+def _tune(
+    cfg: ScalingConfig, size: str, model: str, val: np.ndarray, log: Any
+) -> tuple[dict[str, Any], float, dict[int, RunRecord]]:
+    """Train `model` at every rate with the selecting seeds, choose, then train the other seeds.
+
+    Returns the sweep ({lr: validation losses per seed}), the chosen rate, and the chosen rate's
+    runs by seed.
+    """
+    selecting, later = cfg.seeds[: cfg.select_seeds], cfg.seeds[cfg.select_seeds :]
+    sweep: dict[str, Any] = {}
+    records: dict[float, dict[int, RunRecord]] = {}
+    for lr in cfg.lrs:
+        records[lr] = {s: _train(cfg, size, model, lr, s, val, log) for s in selecting}
+        losses = [records[lr][s].final["val_loss"] for s in selecting]
+        sweep[f"{lr:g}"] = {"seeds": selecting, "val_loss": losses}
+    cpu = [r.cpu_s for by_seed in records.values() for r in by_seed.values()]
+    best = choose_lr({lr: sweep[f"{lr:g}"]["val_loss"] for lr in cfg.lrs})
+    log(f"[scaling] {size} {model}: chose lr {best:g} on the validation slice")
+    for seed in later:
+        records[best][seed] = _train(cfg, size, model, best, seed, val, log)
+        cpu.append(records[best][seed].cpu_s)
+    # CPU seconds of every run trained by this call (None: reused)
+    return {"lrs": sweep, "cpu_s": cpu}, best, records[best]
+
+
+def _train(
+    cfg: ScalingConfig, size: str, model: str, lr: float, seed: int, val: np.ndarray, log: Any
+) -> RunRecord:
+    train_cfg = cfg.train_config(model, size, lr, seed)
+    log(f"[scaling] {size} {model} lr {lr:g} seed {seed}: {cfg.steps} steps")
+    record = train_run(train_cfg, log=log, reuse=cfg.reuse)
+    record.final = {"val_loss": final_eval(record, val, cfg.block_size)["loss"]}
+    log(f"[scaling] {size} {model} lr {lr:g} seed {seed}: validation loss "
+        f"{record.final['val_loss']:.4f}")  # fmt: skip
+    return record
+
+
+def choose_lr(val_losses: dict[float, list[float]]) -> float:
+    """The rate with the lowest mean validation loss (the lower rate on a tie); a run that
+    diverged (NaN) never wins."""
+
+    def key(lr: float) -> tuple[float, float]:
+        mean = statistics.fmean(val_losses[lr])
+        return (mean if mean == mean else float("inf"), lr)
+
+    return min(val_losses, key=key)
+
+
+# ---------------------------------------------------------------------------- summary
+
+
+def summarise(
+    size: str,
+    runs: dict[str, dict[int, RunRecord]],
+    rates: dict[str, float],
+    chosen: dict[str, float],
+    lrs: list[float],
+) -> dict[str, Any]:
+    """One row: the chosen rates and the three views of the gap, paired by seed."""
+    seeds = sorted(set(runs["bdh"]) & set(runs["gpt"]))
     bdh_cfg, gpt_cfg = matched_pair(size)
+    first = runs["bdh"][seeds[0]]
+    views = {
+        "equal_tokens": _view(runs, seeds, lambda b, g: (b.final["loss"], g.final["loss"])),
+        "equal_flops": _view(runs, seeds, equal_flops),
+        "equal_time": _view(runs, seeds, lambda b, g: equal_time_by_rate(b, g, rates)),
+    }
+    views["equal_tokens"]["tokens"] = first.tokens
+    views["equal_flops"]["flops"] = min(first.train_flops, runs["gpt"][seeds[0]].train_flops)
+    views["equal_time"]["seconds"] = _equal_seconds(first, runs["gpt"][seeds[0]], rates)
     return {
         "size": size,
-        "params": {"bdh": bdh.params, "gpt": gpt.params},
+        "params": {"bdh": first.params, "gpt": runs["gpt"][seeds[0]].params},
         "param_gap": param_gap(bdh_cfg, gpt_cfg),
-        "loss": {"bdh": bdh.final["loss"], "gpt": gpt.final["loss"]},
-        "bpb": {"bdh": bdh.final["bpb"], "gpt": gpt.final["bpb"]},
-        "gap_nats": gap,
-        "gap_percent": 100.0 * gap / gpt.final["loss"],
-        "wall_s": {"bdh": bdh.wall_s, "gpt": gpt.wall_s},
-        "cpu_s": {"bdh": bdh.cpu_s, "gpt": gpt.cpu_s},
-        "train_flops": {"bdh": bdh.train_flops, "gpt": gpt.train_flops},
-        "tokens": bdh.tokens,
+        "lr": dict(chosen),
+        "lr_at_edge": {m: chosen[m] in (lrs[0], lrs[-1]) and len(lrs) > 1 for m in MODELS},
+        "seeds": seeds,
+        "bpb": {m: _spread([runs[m][s].final["bpb"] for s in seeds]) for m in MODELS},
+        "train_flops": {m: runs[m][seeds[0]].train_flops for m in MODELS},
+        "wall_s": {m: _spread([runs[m][s].wall_s for s in seeds]) for m in MODELS},
         "rates_tok_s": rates,
-        "equal_time": {
-            "side_by_side": equal_time_by_rate(bdh, gpt, rates),
-            "own_clocks": equal_time_by_clock(bdh, gpt),
-        },
+        **views,
     }
 
 
-def equal_time_by_clock(bdh: RunRecord, gpt: RunRecord) -> dict[str, Any]:
-    """Validation losses when the faster run ended, on each run's own clock."""
-    t = min(bdh.wall_s, gpt.wall_s)
+def _view(runs: dict[str, dict[int, RunRecord]], seeds: list[int], pick: Any) -> dict[str, Any]:
+    """Per seed (BDH, GPT) losses -> mean ± sd of each and of their paired difference."""
+    pairs = [pick(runs["bdh"][s], runs["gpt"][s]) for s in seeds]
+    if any(b is None or g is None for b, g in pairs):
+        return {"bdh": None, "gpt": None, "gap": None}
     return {
-        "seconds": t,
-        "bdh": interpolate(bdh.curve, "seconds", t),
-        "gpt": interpolate(gpt.curve, "seconds", t),
+        "bdh": _spread([b for b, _ in pairs]),
+        "gpt": _spread([g for _, g in pairs]),
+        "gap": _spread([b - g for b, g in pairs]),
     }
 
 
-def equal_time_by_rate(bdh: RunRecord, gpt: RunRecord, rates: dict[str, float]) -> dict[str, Any]:
-    """The same on one clock: time = tokens / (tokens per second measured side by side)."""
-    t = min(bdh.tokens / rates["bdh"], gpt.tokens / rates["gpt"])
-    return {
-        "seconds": t,
-        "bdh": interpolate(bdh.curve, "tokens", t * rates["bdh"]),
-        "gpt": interpolate(gpt.curve, "tokens", t * rates["gpt"]),
-    }
+def _spread(values: list[float]) -> dict[str, Any]:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "sd": sd, "values": values}
+
+
+def equal_flops(bdh: RunRecord, gpt: RunRecord) -> tuple[float | None, float | None]:
+    """Validation losses where the cheaper run's training FLOPs ran out."""
+    flops = min(bdh.train_flops, gpt.train_flops)
+    return (
+        interpolate(bdh.curve, "tokens", flops / (bdh.train_flops / bdh.tokens)),
+        interpolate(gpt.curve, "tokens", flops / (gpt.train_flops / gpt.tokens)),
+    )
+
+
+def equal_time_by_rate(
+    bdh: RunRecord, gpt: RunRecord, rates: dict[str, float]
+) -> tuple[float | None, float | None]:
+    """The same at equal time: time = tokens / (tokens per second measured side by side)."""
+    t = _equal_seconds(bdh, gpt, rates)
+    return (
+        interpolate(bdh.curve, "tokens", t * rates["bdh"]),
+        interpolate(gpt.curve, "tokens", t * rates["gpt"]),
+    )
+
+
+def _equal_seconds(bdh: RunRecord, gpt: RunRecord, rates: dict[str, float]) -> float:
+    return min(bdh.tokens / rates["bdh"], gpt.tokens / rates["gpt"])
 
 
 # ---------------------------------------------------------------------------- outputs
 
 
 def table_markdown(payload: dict[str, Any]) -> str:
-    """The README table: one row per size."""
+    """The README tables: the three views per size, then the learning-rate sweep."""
+    seeds = len(payload["config"]["seeds"])
     head = (
-        "| size | params BDH / GPT | val loss BDH | val loss GPT | gap (nats/byte) | gap (%) "
-        "| wall-clock BDH / GPT | train FLOPs BDH / GPT | loss at equal time: BDH / GPT |\n"
+        f"Losses in nats/byte, mean ± sd over {seeds} seeds; gap = BDH − GPT, paired by seed.\n\n"
+        "| size | params BDH / GPT | lr BDH / GPT | equal tokens: BDH / GPT | gap "
+        "| equal FLOPs: BDH / GPT | gap | equal wall-clock: BDH / GPT | gap |\n"
         "|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [_row(r) for r in payload["rows"]]
-    return head + "\n".join(lines) + "\n"
+    return head + "\n".join(lines) + "\n\n" + sweep_markdown(payload)
 
 
 def _row(r: dict[str, Any]) -> str:
-    eq = r["equal_time"]["side_by_side"]
-    p, w, f = r["params"], r["wall_s"], r["train_flops"]
+    p, lr, edge = r["params"], r["lr"], r["lr_at_edge"]
+    lrs = " / ".join(f"{lr[m]:g}{'*' if edge[m] else ''}" for m in MODELS)
+    tok, fl, tm = r["equal_tokens"], r["equal_flops"], r["equal_time"]
     return (
-        f"| {r['size']} | {p['bdh']:,} / {p['gpt']:,} | {r['loss']['bdh']:.3f}"
-        f" | {r['loss']['gpt']:.3f} | {r['gap_nats']:+.3f} | {r['gap_percent']:+.1f}%"
-        f" | {_duration(w['bdh'])} / {_duration(w['gpt'])} | {f['bdh']:.2e} / {f['gpt']:.2e}"
-        f" | {_loss(eq['bdh'])} / {_loss(eq['gpt'])} at {_duration(eq['seconds'])} |"
+        f"| {r['size']} | {p['bdh']:,} / {p['gpt']:,} | {lrs}"
+        f" | {_pair(tok)} at {tok['tokens']:,} tokens | {_pm(tok['gap'], signed=True)}"
+        f" | {_pair(fl)} at {fl['flops']:.2e} | {_pm(fl['gap'], signed=True)}"
+        f" | {_pair(tm)} at {_duration(tm['seconds'])} | {_pm(tm['gap'], signed=True)} |"
     )
+
+
+def sweep_markdown(payload: dict[str, Any]) -> str:
+    """Validation-slice loss of every rate (the first seeds), the chosen one in bold."""
+    lrs = payload["config"]["lrs"]
+    head = "| size | model | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |\n"
+    head += "|---|---|" + "---|" * len(lrs) + "\n"
+    lines = []
+    for size, models in payload["sweep"].items():
+        for model, by_lr in models.items():
+            best = payload["chosen_lr"][size][model]
+            cells = []
+            for lr in lrs:
+                text = _loss(statistics.fmean(by_lr["lrs"][f"{lr:g}"]["val_loss"]))
+                cells.append(f"**{text}**" if lr == best else text)
+            lines.append(f"| {size} | {model.upper()} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def _pair(view: dict[str, Any]) -> str:
+    if view["bdh"] is None:
+        return "n/a"
+    return f"{_pm(view['bdh'])} / {_pm(view['gpt'])}"
+
+
+def _pm(stat: dict[str, Any] | None, signed: bool = False) -> str:
+    if stat is None:
+        return "n/a"
+    mean = f"{stat['mean']:+.3f}" if signed else f"{stat['mean']:.3f}"
+    return f"{mean} ± {stat['sd']:.3f}"
 
 
 def _duration(seconds: float) -> str:
@@ -206,40 +405,72 @@ def _duration(seconds: float) -> str:
 
 
 def _loss(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+    return "n/a" if value is None or value != value else f"{value:.3f}"
 
 
 def plot(payload: dict[str, Any], path: str | Path) -> Path:
-    """Validation loss against parameters (left, like Fig. 7) and against training time (right)."""
+    """Four panels: the sweep, and loss at equal tokens, against FLOPs and against time."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never opens a window
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = {"bdh": "tab:red", "gpt": "tab:blue"}
-    for model in MODELS:
-        params = [r["params"][model] for r in payload["rows"]]
-        losses = [r["loss"][model] for r in payload["rows"]]
-        left.plot(params, losses, "o-", color=colors[model], label=model.upper())
-        for size, alpha in zip(payload["runs"], _alphas(len(payload["runs"])), strict=True):
-            curve = payload["runs"][size][model]["curve"]
-            right.plot(
-                [p["seconds"] for p in curve], [p["val_loss"] for p in curve],
-                color=colors[model], alpha=alpha, label=f"{model.upper()} {size}",
-            )  # fmt: skip
-    tokens = payload["rows"][0]["tokens"]
-    left.set(xscale="log", xlabel="parameters", ylabel="validation loss (nats/byte)")
-    left.set_title(f"same data, {tokens:,} training tokens per run")
-    right.set(xscale="log", xlabel="training wall-clock (s)", ylabel="validation loss (nats/byte)")
-    right.set_title("validation loss during training")
-    left.legend()
-    right.legend(fontsize=7, ncol=2)
-    for ax in (left, right):
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    _plot_sweep(axes[0][0], payload)
+    _plot_equal_tokens(axes[0][1], payload)
+    _plot_curves(axes[1][0], payload, "flops")
+    _plot_curves(axes[1][1], payload, "seconds")
+    for ax in axes.flat:
         ax.grid(alpha=0.3, which="both")
-    return save_figure(fig, path, dpi=120)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)
 
 
-def _alphas(n: int) -> list[float]:
-    """Lighter lines for smaller sizes."""
-    return [0.35 + 0.65 * (i + 1) / n for i in range(n)]
+COLORS = {"bdh": "tab:red", "gpt": "tab:blue"}
+
+
+def _plot_sweep(ax: Any, payload: dict[str, Any]) -> None:
+    lrs = payload["config"]["lrs"]
+    styles = ["o-", "s--", "^:", "d-."]
+    for i, (size, models) in enumerate(payload["sweep"].items()):
+        for model, by_lr in models.items():
+            losses = [statistics.fmean(by_lr["lrs"][f"{lr:g}"]["val_loss"]) for lr in lrs]
+            ax.plot(lrs, losses, styles[i % len(styles)], color=COLORS[model],
+                    label=f"{model.upper()} {size}")  # fmt: skip
+    ax.set(xscale="log", xlabel="peak learning rate", ylabel="validation-slice loss (nats/byte)")
+    ax.set_title("learning-rate sweep (selecting seed)")
+    ax.legend(fontsize=7)
+
+
+def _plot_equal_tokens(ax: Any, payload: dict[str, Any]) -> None:
+    for model in MODELS:
+        rows = payload["rows"]
+        params = [r["params"][model] for r in rows]
+        mean = [r["equal_tokens"][model]["mean"] for r in rows]
+        sd = [r["equal_tokens"][model]["sd"] for r in rows]
+        ax.errorbar(params, mean, yerr=sd, fmt="o-", capsize=3, color=COLORS[model],
+                    label=f"{model.upper()} (best lr)")  # fmt: skip
+    tokens = payload["rows"][0]["equal_tokens"]["tokens"]
+    ax.set(xscale="log", xlabel="parameters", ylabel="test-slice loss (nats/byte)")
+    ax.set_title(f"equal tokens ({tokens:,} per run)")
+    ax.legend()
+
+
+def _plot_curves(ax: Any, payload: dict[str, Any], x: str) -> None:
+    """Validation curves of the chosen runs, every seed, against FLOPs or side-by-side time."""
+    sizes = list(payload["runs"])
+    rates = {r["size"]: r["rates_tok_s"] for r in payload["rows"]}
+    for i, size in enumerate(sizes):
+        alpha = 0.35 + 0.65 * (i + 1) / len(sizes)
+        for model in MODELS:
+            for j, run in enumerate(payload["runs"][size][model].values()):
+                per_token = run["train_flops"] / run["tokens"]
+                scale = per_token if x == "flops" else 1.0 / rates[size][model]
+                xs = [p["tokens"] * scale for p in run["curve"]]
+                label = f"{model.upper()} {size}" if j == 0 else None
+                ys = [p["val_loss"] for p in run["curve"]]
+                ax.plot(xs, ys, color=COLORS[model], alpha=alpha, label=label)
+    xlabel = "training FLOPs" if x == "flops" else "training time on this machine (s)"
+    ax.set(xscale="log", xlabel=xlabel, ylabel="validation-slice loss (nats/byte)")
+    ax.set_title("equal FLOPs" if x == "flops" else "equal wall-clock (side-by-side speeds)")
+    ax.legend(fontsize=7, ncol=2)
