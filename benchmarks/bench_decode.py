@@ -63,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="small", help="config preset (default: small)")
     p.add_argument("--checkpoint", type=Path, default=None, help="a `bdh train` run or checkpoint")
     p.add_argument("--sparsify", type=float, default=0.1, help="target x density of random weights")
+    p.add_argument(
+        "--damping", choices=("none", "alibi"), default="none",
+        help="state damping of random weights (default: none, as the README's table: a damped"
+        " state is rescaled at every step, so it decodes by the dense step); a checkpoint keeps"
+        " its own",
+    )  # fmt: skip
     p.add_argument("--contexts", type=lambda s: [int(c) for c in s.split(",")], default=None)
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7, quick 3)")
     p.add_argument("--steps", type=int, default=8, help="decode steps per sample")
@@ -99,7 +105,8 @@ def build_model(args: argparse.Namespace) -> tuple[BDH, torch.Tensor, str]:
     if args.checkpoint is not None:
         return _from_checkpoint(args)
     torch.manual_seed(args.seed)
-    model = BDH(BDHConfig.from_name(args.preset)).eval()
+    damping = None if args.damping == "none" else args.damping
+    model = BDH(BDHConfig.from_name(args.preset, damping=damping)).eval()
     what = "random weights"
     if args.sparsify > 0:
         got = sparsify_(model, args.sparsify, args.seed)

@@ -39,10 +39,11 @@ from bdh.train import TrainConfig, evaluate, train
 # fading over ~4, 16, 64 and 256 tokens. Without it a state carried through a stream of 10^5
 # tokens sums them all with equal weight, and training stalls (measured: see the README table).
 DAMPING = [0.7788, 0.9394, 0.9845, 0.9961]
+UNDAMPED = {"damping": None}  # the presets damp by default; these three runs are without
 RUNS: dict[str, dict[str, Any]] = {
-    "random": {"batches": "random"},
-    "stream": {"batches": "stream"},
-    "carry": {"batches": "stream", "carry_state": True},
+    "random": {"batches": "random", "model": UNDAMPED},
+    "stream": {"batches": "stream", "model": UNDAMPED},
+    "carry": {"batches": "stream", "carry_state": True, "model": UNDAMPED},
     "random+damping": {"batches": "random", "model": {"damping": DAMPING}},
     "carry+damping": {"batches": "stream", "carry_state": True, "model": {"damping": DAMPING}},
 }

@@ -69,7 +69,7 @@ def _sentences(count, concept, seed):
 
 
 def test_the_search_finds_the_planted_synapse_and_it_holds_out():
-    config = BDHConfig.from_name("tiny", n_layer=3, rope=False)
+    config = BDHConfig.from_name("tiny", damping=None, n_layer=3, rope=False)
     model = PlantedBDH(config)
     found = concepts.find_concept_synapses(
         model, _sentences(14, True, 0), _sentences(14, False, 1), top_k=5, candidates=6,
@@ -86,7 +86,7 @@ def test_the_search_finds_the_planted_synapse_and_it_holds_out():
 
 def test_blockwise_end_values_equal_the_full_sigma_with_rope():
     torch.manual_seed(0)
-    model = BDH(BDHConfig.from_name("tiny", n_layer=3)).double().eval()
+    model = BDH(BDHConfig.from_name("tiny", damping=None, n_layer=3)).double().eval()
     idx = torch.randint(0, 256, (15,))
     layer, head = 2, 1
     full = synapses(model, idx, layer, head)[0, 0]  # (n, N) after the last token

@@ -12,7 +12,9 @@ def test_defaults_are_the_references():
     assert (c.n_layer, c.n_embd, c.n_head, c.mlp_internal_dim_multiplier) == (6, 256, 4, 128)
     assert (c.dropout, c.vocab_size, c.N, c.n) == (0.1, 256, 8192, 32768)
     assert c.attention == "auto" and c.damping is None and not c.no_bptt
-    assert BDHConfig.from_name("reference") == c
+    # The reference preset is that shape, damped like every preset; undamped, it is the code.
+    assert BDHConfig.from_name("reference", damping=None) == c
+    assert BDHConfig.from_name("reference") == c.replace(damping="alibi")
 
 
 def test_presets_and_sizes():

@@ -31,7 +31,7 @@ def make_model(seed: int = 0, sparse: bool = False, **overrides) -> BDH:
     """The tiny preset; `sparse` leans every stream towards one direction e and every neuron
     away from it, so ~10–20% of x fire, as in a trained model (random weights fire ~50%)."""
     torch.manual_seed(seed)
-    model = BDH(BDHConfig.from_name("tiny", **overrides)).eval()
+    model = BDH(BDHConfig.from_name("tiny", **{"damping": None, **overrides})).eval()
     with torch.no_grad():
         model.lm_head.mul_(50)  # well separated logits: argmax is stable under rounding
         if sparse:

@@ -19,7 +19,7 @@ LAYER, HEAD = 1, 1  # where a neuron is ablated (a tiny model has 2 layers, 2 he
 def trained_model(seed: int = 0, steps: int = 12, **overrides) -> BDH:
     """A tiny model trained a few steps on a repeating byte pattern: sparse, non-random weights."""
     torch.manual_seed(seed)
-    model = BDH(BDHConfig.from_name("tiny", **overrides))
+    model = BDH(BDHConfig.from_name("tiny", **{"damping": None, **overrides}))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     text = torch.tensor(list(b"the king and the lord of the night " * 8))
     for _ in range(steps):

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 from bdh import BDH, BDHConfig, ConfigError
 from bdh.baseline.gpt import GPT, GPTConfig
+from bdh.baseline.presets import LADDER, QUICK_LADDER, preset_config
 from bdh.checkpoint import load_checkpoint, save_checkpoint
 from bdh.cli import main
-from bdh.config import alibi_damping
+from bdh.config import PRESETS, alibi_damping
 from bdh.experiments.length import LengthConfig, plot, table_markdown
 from bdh.streams import evaluate_streams, position_edges, token_losses
 from bdh.tokenizer import ByteTokenizer
@@ -123,7 +124,10 @@ def test_alibi_schedule_is_alibis_slopes_as_decays():
     config = BDHConfig.from_name("small")
     assert config.damping == "alibi" and config.damping_per_head() == alibi_damping(4)
     assert BDHConfig.from_name("small", n_head=8).damping_per_head() == alibi_damping(8)
-    assert BDHConfig.from_name("reference").damping is None  # the published code, undamped
+    for name in PRESETS:  # every preset damps; the published code is damping=None
+        assert BDHConfig.from_name(name).damping == "alibi"
+    for size in [*LADDER, *QUICK_LADDER]:
+        assert preset_config(BDHConfig, size).damping == "alibi"
     with pytest.raises(ConfigError, match="damping must be a float, a list of floats, 'alibi'"):
         BDHConfig(damping="linear")
     with pytest.raises(ConfigError, match="learn_damping needs an initial damping"):

@@ -13,7 +13,7 @@ from bdh.reference import reference_forward
 
 def make_model(seed: int = 0, **overrides) -> BDH:
     torch.manual_seed(seed)
-    return BDH(BDHConfig.from_name("tiny", **overrides)).eval()
+    return BDH(BDHConfig.from_name("tiny", **{"damping": None, **overrides})).eval()
 
 
 def ids(B: int, T: int, V: int = 256, seed: int = 0) -> torch.Tensor:
@@ -108,7 +108,7 @@ def test_targets_minus_one_are_ignored():
 
 @pytest.mark.parametrize("n_layer", [1, 2, 6])
 def test_parameter_count_formula_independent_of_depth(n_layer):
-    cfg = BDHConfig.from_name("tiny", n_layer=n_layer)
+    cfg = BDHConfig.from_name("tiny", damping=None, n_layer=n_layer)
     model = BDH(cfg)
     expected = 3 * cfg.n * cfg.n_embd + 2 * cfg.vocab_size * cfg.n_embd
     assert model.num_params() == expected == cfg.num_params
@@ -132,7 +132,7 @@ def reference_layout_state_dict(cfg: BDHConfig, prefix: str = "") -> dict[str, t
 
 @pytest.mark.parametrize("prefix", ["", "_orig_mod."])
 def test_reference_state_dict_round_trips(prefix):
-    cfg = BDHConfig.from_name("tiny")
+    cfg = BDHConfig.from_name("tiny", damping=None)
     ref_sd = reference_layout_state_dict(cfg, prefix)
     model = BDH(cfg).eval()
     model.load_state_dict(ref_sd)
@@ -147,7 +147,7 @@ def test_reference_state_dict_round_trips(prefix):
 
 def test_rotary_frequencies_are_saved_and_used():
     """A model whose neurons were regrouped keeps each neuron's frequency from its weights."""
-    cfg = BDHConfig.from_name("tiny")
+    cfg = BDHConfig.from_name("tiny", damping=None)
     sd = reference_layout_state_dict(cfg)
     sd["attn.freqs"] = sd["attn.freqs"].flip(-1).contiguous()
     model = BDH(cfg).eval()

@@ -96,7 +96,7 @@ def literal_activations(model, idx):
 
 def test_measured_over_windows_equals_counting_a_literal_forward_pass():
     torch.manual_seed(0)
-    model = BDH(BDHConfig.from_name("tiny")).double()
+    model = BDH(BDHConfig.from_name("tiny", damping=None)).double()
     tokens = np.random.default_rng(0).integers(0, 256, 16 * 5 + 7)
     stats = measure_sparsity(model, tokens, block_size=16, batch_size=2)
     want = SparsityStats(model.config.n_layer, model.config.n_head, model.config.N)
@@ -116,7 +116,7 @@ def ckpt(tmp_path_factory) -> Path:
     data = root / "corpus.txt"
     data.write_text(synthetic_text(3_000))
     torch.manual_seed(5)
-    model = BDH(BDHConfig.from_name("tiny"))
+    model = BDH(BDHConfig.from_name("tiny", damping=None))
     torch.manual_seed(6)
     model.reset_parameters()  # not the weights seed 5 draws: "trained" ≠ untrained
     meta = {"train": {"data": str(data), "block_size": 32, "seed": 5}}
@@ -141,7 +141,7 @@ def test_inspect_sparsity_prints_a_table_json_and_a_plot(ckpt, tmp_path, capsys)
 
 def test_the_untrained_twin_has_the_weights_the_seed_draws(ckpt):
     torch.manual_seed(5)
-    fresh = BDH(BDHConfig.from_name("tiny"))
+    fresh = BDH(BDHConfig.from_name("tiny", damping=None))
     twin = untrained_twin(load_checkpoint(ckpt))
     for (name, a), b in zip(fresh.state_dict().items(), twin.state_dict().values(), strict=True):
         assert torch.equal(a, b), name

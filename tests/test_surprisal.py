@@ -22,7 +22,7 @@ from test_sparsity import literal_activations
 
 def test_token_profile_equals_the_loss_and_a_literal_forward_pass():
     torch.manual_seed(0)
-    model = BDH(BDHConfig.from_name("tiny")).double()
+    model = BDH(BDHConfig.from_name("tiny", damping=None)).double()
     windows = torch.randint(0, 256, (5, 12))
     prof = exp.token_profile(model, windows, batch_size=2)
     logits, _ = model(windows)
@@ -100,7 +100,7 @@ def test_experiment_quick_end_to_end(tmp_path, capsys):
     data.write_text(synthetic_text(20_000))
     ood.write_text(synthetic_text(20_000, seed=1).upper())
     torch.manual_seed(3)
-    model = BDH(BDHConfig.from_name("tiny"))
+    model = BDH(BDHConfig.from_name("tiny", damping=None))
     meta = {"train": {"data": str(data), "block_size": 32, "seed": 3}}
     ckpt = save_checkpoint(tmp_path / "ckpt", model, "bdh", ByteTokenizer(), meta=meta)
     out = tmp_path / "out"

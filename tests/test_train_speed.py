@@ -120,7 +120,7 @@ def literal_twin(model: BDH) -> ReferenceBDH:
 @pytest.mark.parametrize("T", [13, 37, 70])  # parallel below, chunked with a tail above (C = 16)
 def test_fast_trunk_equals_the_literal_module_outputs_and_grads(T):
     torch.manual_seed(0)
-    model = BDH(BDHConfig.from_name("tiny", n_layer=3)).double()
+    model = BDH(BDHConfig.from_name("tiny", damping=None, n_layer=3)).double()
     twin = literal_twin(model)
     idx, targets = ids(2, T), ids(2, T, seed=1)
     results = []
@@ -139,7 +139,7 @@ def test_fast_trunk_equals_the_literal_module_outputs_and_grads(T):
 
 def test_both_fast_forms_are_used_and_agree():
     """Long enough for the chunked form, short enough for the masked one: same logits."""
-    cfg = BDHConfig.from_name("tiny", n_layer=1)
+    cfg = BDHConfig.from_name("tiny", damping=None, n_layer=1)
     assert cheapest_form(400, cfg.N, cfg.n_embd, cfg.chunk_size) == "chunked"
     assert cheapest_form(20, cfg.N, cfg.n_embd, cfg.chunk_size) == "parallel"
     torch.manual_seed(0)
@@ -164,7 +164,9 @@ def test_fast_trunk_equals_the_naive_form_with_every_option(options, T):
     results = []
     for form in ("auto", "naive"):
         torch.manual_seed(0)
-        model = BDH(BDHConfig.from_name("tiny", attention=form, **options)).double()
+        model = BDH(
+            BDHConfig.from_name("tiny", **{"damping": None, "attention": form, **options})
+        ).double()
         _, loss = model(idx, targets)
         loss.backward()
         results.append((loss.detach(), {k: p.grad for k, p in model.named_parameters()}))
@@ -179,7 +181,7 @@ def test_recomputation_gives_the_same_loss_and_gradients_with_dropout():
     results = []
     for recompute in (False, True):
         torch.manual_seed(0)
-        model = BDH(BDHConfig.from_name("tiny", dropout=0.3)).double().train()
+        model = BDH(BDHConfig.from_name("tiny", damping=None, dropout=0.3)).double().train()
         model.recompute = recompute
         torch.manual_seed(5)  # the same dropout masks in both runs
         _, loss = model(idx, targets)
@@ -195,7 +197,7 @@ def test_dropout_is_the_literal_dropout_with_the_same_mask(monkeypatch):
     """Masking y in place and rescaling E y afterwards equals nn.Dropout's y·m/(1−p) before E."""
     p = 0.25
     torch.manual_seed(0)
-    model = BDH(BDHConfig.from_name("tiny", dropout=p)).double().train()
+    model = BDH(BDHConfig.from_name("tiny", damping=None, dropout=p)).double().train()
     twin = literal_twin(model)
     masks: list[torch.Tensor] = []
 
@@ -229,7 +231,7 @@ def test_bf16_autocast_trains_and_keeps_the_state_float32():
     """The state stays float32 under autocast; the values are compared on a trained model below
     (at initialisation every path gives the uniform loss)."""
     torch.manual_seed(0)
-    model = BDH(BDHConfig.from_name("tiny"))
+    model = BDH(BDHConfig.from_name("tiny", damping=None))
     idx, targets = ids(2, 40), ids(2, 40, seed=1)
     state = model.init_state(2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -246,7 +248,7 @@ def _trained_tiny(steps: int = 30) -> tuple[BDH, torch.Tensor, torch.Tensor]:
     text = np.frombuffer(synthetic_text(30_000).encode(), dtype=np.uint8).astype(np.int64)
     data = torch.from_numpy(text)
     torch.manual_seed(0)
-    model = BDH(BDHConfig.from_name("tiny"))
+    model = BDH(BDHConfig.from_name("tiny", damping=None))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):

@@ -91,7 +91,7 @@ class KVCache:
         for keys_t, values in zip(self.keys, self.values, strict=True):
             k = keys_t[..., :T]  # (B, nh, N, T)
             if damping is not None:
-                k = k * _decay_to_end(damping.to(k.dtype), T).view(1, -1, 1, T)
+                k = k * _decay_to_end(damping.to(k.dtype), T)[None, :, None, :]  # T may be 0
             states.append(k @ values[:, None, :T])  # (B, nh, N, D)
         return states
 
