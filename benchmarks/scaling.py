@@ -1,11 +1,12 @@
-"""BDH vs the parameter-matched GPT at three sizes: loss vs parameters, time and FLOPs (Fig. 7).
+"""BDH vs the parameter-matched GPT: each at its best learning rate, over seeds (Fig. 7).
 
-    python benchmarks/scaling.py            # 360k/1m/3m on shakespeare, 262k tokens each (~10 min)
-    python benchmarks/scaling.py --quick    # q70k/q170k/q470k, 8k tokens each (~30 s)
-    python benchmarks/scaling.py --sizes 1m,3m,10m --tokens 10000000   # a bigger machine
+    python benchmarks/scaling.py            # 360k and 1m, 2M tokens per run, lr 1e-3/3e-3/1e-2
+    python benchmarks/scaling.py --quick    # q70k and q170k, 8k tokens per run (~30 s)
+    python benchmarks/scaling.py --sizes 360k,1m,3m --seeds 1337,1338,1339   # extends, reusing runs
 
 The same as `bdh experiment scaling`; every option is listed by --help. Writes scaling.json,
-scaling.md (the README table) and scaling.png into benchmarks/results/ unless --out is given.
+scaling.md (the README tables) and scaling.png into benchmarks/results/ unless --out is given.
+Finished runs are kept in runs/scaling/ and reused, so an interrupted sweep resumes.
 """
 
 from __future__ import annotations

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from bdh import train as train_module
 from bdh.checkpoint import load_checkpoint
 from bdh.cli import main
 from bdh.experiments import scaling
-from bdh.experiments.runs import RunRecord, interpolate, read_curve
+from bdh.experiments.runs import RunRecord, interpolate, read_curve, train_run
 from bdh.experiments.scaling import (
     ScalingConfig,
     choose_lr,
@@ -24,7 +27,7 @@ from bdh.experiments.scaling import (
     table_markdown,
 )
 from bdh.experiments.translation import TranslationConfig, build_dataset
-from bdh.train import evaluate
+from bdh.train import TrainConfig, evaluate
 from conftest import REPO
 
 TINY_BUDGET = ["--tokens", "2048", "--eval-tokens", "1024"]
@@ -178,6 +181,34 @@ def test_the_sweep_chooses_the_lowest_validation_loss_before_reading_the_test_sl
         # Only the chosen rate's runs were scored on the test slice, one per seed.
         assert set(payload["runs"]["q70k"][model]) == {"1337", "1338"}
     assert reads.count("test") == 4
+
+
+def test_an_interrupted_run_is_resumed_and_a_finished_one_reused(tmp_path, text_file, monkeypatch):
+    cfg = TrainConfig(
+        data=str(text_file), out=str(tmp_path / "run"), preset="tiny", max_steps=6,
+        batch_size=4, block_size=16, eval_interval=2, eval_batches=1, ckpt_interval=6, threads=1,
+    )  # fmt: skip
+    lines: list[str] = []
+    with monkeypatch.context() as m:
+        real_step = train_module._train_step
+
+        def interrupt_at_4(run, lr):
+            if run.step + 1 == 4:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the trainer saves step 4 and stops
+            return real_step(run, lr)
+
+        m.setattr(train_module, "_train_step", interrupt_at_4)
+        with pytest.raises(RuntimeError, match="stopped: interrupted"):
+            train_run(cfg, log=lines.append)
+    record = train_run(cfg, log=lines.append)
+    assert any("resuming the run" in line and "from step 4" in line for line in lines)
+    assert record.steps == 6 and record.cpu_s is not None
+    # The resumed run ends where an uninterrupted one does.
+    whole = train_run(dataclasses.replace(cfg, out=str(tmp_path / "whole")), log=lines.append)
+    a, b = (load_checkpoint(r.checkpoint).model.state_dict() for r in (record, whole))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert train_run(cfg, log=lines.append).cpu_s is None  # finished: reused
+    assert "reusing the finished run" in lines[-1]
 
 
 def test_benchmark_script_runs_the_same_experiment(tmp_path, text_file):

@@ -57,17 +57,21 @@ class RunRecord:
 
 
 def train_run(cfg: TrainConfig, log: Any = print, reuse: bool = True) -> RunRecord:
-    """Train `cfg` (or reuse its finished run in cfg.out) and return its record."""
+    """Train `cfg` and return its record. With `reuse`, a finished run of the same configuration
+    in cfg.out is taken as it is, and an interrupted one is resumed (exactly, see `bdh.train`)."""
     ckpt_dir = Path(cfg.out) / RUN_SUBDIR
     cpu_s: float | None = None
-    if not (reuse and _finished(ckpt_dir, cfg)):
+    step = _saved_step(ckpt_dir, cfg) if reuse else None
+    if step == cfg.max_steps:
+        log(f"[experiment] reusing the finished run in {cfg.out}")
+    else:
+        if step is not None:
+            log(f"[experiment] resuming the run in {cfg.out} from step {step}")
         start = time.process_time()
-        result = train(cfg, progress=False, log=log)
+        result = train(cfg, resume=step is not None, progress=False, log=log)
         if result.status != "done":
             raise RuntimeError(f"training {cfg.out} stopped: {result.status}")
         cpu_s = time.process_time() - start
-    else:
-        log(f"[experiment] reusing the finished run in {cfg.out}")
     meta = read_config(ckpt_dir)["meta"]
     model_config = resolve_model_config(cfg, 256)
     curve = read_curve(Path(cfg.out) / METRICS_FILE, cfg.batch_size * cfg.block_size)
@@ -86,15 +90,16 @@ def train_run(cfg: TrainConfig, log: Any = print, reuse: bool = True) -> RunReco
     )
 
 
-def _finished(ckpt_dir: Path, cfg: TrainConfig) -> bool:
-    """A checkpoint of this very configuration, training and model, at its last step."""
+def _saved_step(ckpt_dir: Path, cfg: TrainConfig) -> int | None:
+    """The step of a checkpoint of this very configuration (training and model), else None."""
     try:
         saved = read_config(ckpt_dir)
     except (OSError, ValueError):
-        return False
+        return None
     meta, model = saved.get("meta", {}), resolve_model_config(cfg, 256).to_dict()
-    same_model = _shape(saved["config"]) == _shape(model)
-    return same_model and meta.get("train") == cfg.to_dict() and meta.get("step") == cfg.max_steps
+    same = _shape(saved["config"]) == _shape(model) and meta.get("train") == cfg.to_dict()
+    step = meta.get("step")
+    return step if same and isinstance(step, int) and 0 < step <= cfg.max_steps else None
 
 
 def _shape(config: dict[str, Any]) -> dict[str, Any]:
