@@ -125,7 +125,7 @@ def test_scaling_quick_writes_json_table_and_plot_and_reuses_runs(tmp_path, text
         # Same token budget; BDH pays more FLOPs per token than its matched GPT.
         for model in ("bdh", "gpt"):
             for run in payload["runs"][r["size"]][model].values():
-                assert run["tokens"] == tok["tokens"] and run["cpu_s"] > 0
+                assert run["tokens"] == tok["tokens"] and not run["reused"]
         assert r["train_flops"]["bdh"] > r["train_flops"]["gpt"]
     table = (out / "scaling-quick.md").read_text()
     assert table == table_markdown(payload) and table.count("\n| q70k |") == 3  # row, 2 sweep
@@ -133,7 +133,12 @@ def test_scaling_quick_writes_json_table_and_plot_and_reuses_runs(tmp_path, text
     # A second call reuses every finished run (no training: no CPU time recorded).
     assert main([*args, "--sizes", "q70k"]) == 0
     again = json.loads((out / "scaling-quick.json").read_text())
-    assert again["runs_reused"] == 3 + 3 and again["cpu_s_trained_now"] == 0
+    assert (again["runs_reused"], again["runs_trained"]) == (3 + 3, 0)
+    # CPU time: every run's, recorded beside it when trained and reported again when reused.
+    recorded = {f: json.loads(f.read_text())["cpu_s"] for f in runs.glob("*/*/*/cpu.json")}
+    assert len(recorded) == 12 and min(recorded.values()) > 0  # 2 sizes x 2 models x 3 runs
+    assert payload["cpu_s"] == pytest.approx(sum(recorded.values()))
+    assert again["cpu_s"] == pytest.approx(sum(v for f, v in recorded.items() if "q70k" in str(f)))
     assert again["rows"][0]["equal_tokens"] == rows[0]["equal_tokens"]
 
 
@@ -202,12 +207,13 @@ def test_an_interrupted_run_is_resumed_and_a_finished_one_reused(tmp_path, text_
             train_run(cfg, log=lines.append)
     record = train_run(cfg, log=lines.append)
     assert any("resuming the run" in line and "from step 4" in line for line in lines)
-    assert record.steps == 6 and record.cpu_s is not None
+    assert record.steps == 6 and record.cpu_s > 0 and not record.reused
     # The resumed run ends where an uninterrupted one does.
     whole = train_run(dataclasses.replace(cfg, out=str(tmp_path / "whole")), log=lines.append)
     a, b = (load_checkpoint(r.checkpoint).model.state_dict() for r in (record, whole))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert train_run(cfg, log=lines.append).cpu_s is None  # finished: reused
+    again = train_run(cfg, log=lines.append)  # finished: reused, with the CPU time it took
+    assert again.reused and again.cpu_s == record.cpu_s
     assert "reusing the finished run" in lines[-1]
 
 

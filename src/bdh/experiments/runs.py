@@ -28,6 +28,8 @@ from bdh.baseline.presets import flops_per_token
 from bdh.checkpoint import RUN_SUBDIR, load_checkpoint, model_kind, read_config
 from bdh.train import METRICS_FILE, TrainConfig, evaluate, resolve_model_config, train
 
+CPU_FILE = "cpu.json"  # beside checkpoint/ and metrics.jsonl: the CPU seconds the run took
+
 
 def shared_data_dir() -> Path:
     """$BDH_SHARED_DATA, else ../shared/data next to the repository this package runs from."""
@@ -46,11 +48,14 @@ class RunRecord:
     tokens: int  # training tokens
     steps: int
     wall_s: float  # the trainer's clock: training steps only
-    cpu_s: float | None  # process CPU time of the whole train() call (None when reused)
+    # Process CPU time of the train() calls that made the run (resumed parts added up; None for a
+    # run trained before this was recorded), kept in the run directory so reuse reports it too.
+    cpu_s: float | None
     train_flops: float  # matmul FLOPs of training (bdh.baseline.flops_per_token x tokens)
     curve: list[dict[str, float]]  # {"tokens", "seconds", "val_loss"} at each validation
     final: dict[str, Any] = field(default_factory=dict)  # held-out evaluation
     checkpoint: str = ""
+    reused: bool = False  # taken finished from an earlier invocation
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,19 +64,24 @@ class RunRecord:
 def train_run(cfg: TrainConfig, log: Any = print, reuse: bool = True) -> RunRecord:
     """Train `cfg` and return its record. With `reuse`, a finished run of the same configuration
     in cfg.out is taken as it is, and an interrupted one is resumed (exactly, see `bdh.train`)."""
-    ckpt_dir = Path(cfg.out) / RUN_SUBDIR
-    cpu_s: float | None = None
+    ckpt_dir, cpu_file = Path(cfg.out) / RUN_SUBDIR, Path(cfg.out) / CPU_FILE
     step = _saved_step(ckpt_dir, cfg) if reuse else None
-    if step == cfg.max_steps:
+    reused = step == cfg.max_steps
+    if reused:
         log(f"[experiment] reusing the finished run in {cfg.out}")
     else:
+        before = _read_cpu(cpu_file) if step is not None else 0.0
         if step is not None:
             log(f"[experiment] resuming the run in {cfg.out} from step {step}")
         start = time.process_time()
-        result = train(cfg, resume=step is not None, progress=False, log=log)
+        try:
+            result = train(cfg, resume=step is not None, progress=False, log=log)
+        finally:  # an interrupted part counts too
+            spent = time.process_time() - start
+            if before is not None:
+                cpu_file.write_text(json.dumps({"cpu_s": before + spent}) + "\n")
         if result.status != "done":
             raise RuntimeError(f"training {cfg.out} stopped: {result.status}")
-        cpu_s = time.process_time() - start
     meta = read_config(ckpt_dir)["meta"]
     model_config = resolve_model_config(cfg, 256)
     curve = read_curve(Path(cfg.out) / METRICS_FILE, cfg.batch_size * cfg.block_size)
@@ -83,11 +93,20 @@ def train_run(cfg: TrainConfig, log: Any = print, reuse: bool = True) -> RunReco
         tokens=tokens,
         steps=int(meta["step"]),
         wall_s=curve[-1]["seconds"] if curve else 0.0,
-        cpu_s=cpu_s,
+        cpu_s=_read_cpu(cpu_file),
         train_flops=flops_per_token(model_config, cfg.block_size) * tokens,
         curve=curve,
         checkpoint=str(ckpt_dir),
+        reused=reused,
     )
+
+
+def _read_cpu(path: Path) -> float | None:
+    try:
+        value = json.loads(path.read_text())["cpu_s"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, int | float) else None
 
 
 def _saved_step(ckpt_dir: Path, cfg: TrainConfig) -> int | None:

@@ -192,7 +192,7 @@ def run_scaling(cfg: ScalingConfig, log: Any = print) -> dict[str, Any]:
         pair = [cfg.train_config(m, size, chosen[size][m], cfg.seeds[0]) for m in MODELS]
         rates[size] = side_by_side_rates(pair, rounds=cfg.rate_rounds, seed=cfg.seeds[0])
     rows = [summarise(size, runs[size], rates[size], chosen[size], cfg.lrs) for size in cfg.sizes]
-    cpu = [c for s in sweep.values() for m in s.values() for c in m["cpu_s"]]
+    every = [r for s in sweep.values() for m in s.values() for r in m.pop("records")]
     return {
         "experiment": "scaling",
         "config": dataclasses.asdict(cfg),
@@ -208,8 +208,11 @@ def run_scaling(cfg: ScalingConfig, log: Any = print) -> dict[str, Any]:
             s: {m: {str(seed): r.to_dict() for seed, r in per.items()} for m, per in pair.items()}
             for s, pair in runs.items()
         },
-        "cpu_s_trained_now": sum(c for c in cpu if c is not None),
-        "runs_reused": sum(c is None for c in cpu),
+        # CPU seconds of every run's training, this call's and earlier ones'
+        "cpu_s": sum(r.cpu_s for r in every if r.cpu_s is not None),
+        "cpu_s_unrecorded_runs": sum(r.cpu_s is None for r in every),
+        "runs_trained": sum(not r.reused for r in every),
+        "runs_reused": sum(r.reused for r in every),
         "wall_s": time.perf_counter() - started,
     }
 
@@ -229,14 +232,13 @@ def _tune(
         records[lr] = {s: _train(cfg, size, model, lr, s, val, log) for s in selecting}
         losses = [records[lr][s].final["val_loss"] for s in selecting]
         sweep[f"{lr:g}"] = {"seeds": selecting, "val_loss": losses}
-    cpu = [r.cpu_s for by_seed in records.values() for r in by_seed.values()]
+    every = [r for by_seed in records.values() for r in by_seed.values()]
     best = choose_lr({lr: sweep[f"{lr:g}"]["val_loss"] for lr in cfg.lrs})
     log(f"[scaling] {size} {model}: chose lr {best:g} on the validation slice")
     for seed in later:
         records[best][seed] = _train(cfg, size, model, best, seed, val, log)
-        cpu.append(records[best][seed].cpu_s)
-    # CPU seconds of every run trained by this call (None: reused)
-    return {"lrs": sweep, "cpu_s": cpu}, best, records[best]
+        every.append(records[best][seed])
+    return {"lrs": sweep, "records": every}, best, records[best]
 
 
 def _train(
