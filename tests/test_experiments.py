@@ -68,6 +68,8 @@ def test_equal_time_and_equal_flops_read_bdh_where_the_cheaper_gpt_ended():
 def test_choose_lr_takes_the_lowest_mean_and_never_a_diverged_run():
     assert choose_lr({1e-3: [2.0, 2.2], 3e-3: [2.05, 2.05], 1e-2: [2.3, 1.9]}) == 3e-3
     assert choose_lr({1e-3: [2.0], 3e-3: [float("nan")]}) == 1e-3
+    assert choose_lr({1e-3: [2.0, None], 3e-3: [2.1, 2.1]}) == 3e-3  # None: a seed diverged
+    assert choose_lr({1e-3: [None], 3e-3: [float("inf")]}) is None
     assert choose_lr({1e-3: [2.0], 3e-3: [2.0]}) == 1e-3  # a tie goes to the lower rate
 
 
@@ -186,6 +188,22 @@ def test_the_sweep_chooses_the_lowest_validation_loss_before_reading_the_test_sl
         # Only the chosen rate's runs were scored on the test slice, one per seed.
         assert set(payload["runs"]["q70k"][model]) == {"1337", "1338"}
     assert reads.count("test") == 4
+
+
+def test_a_diverging_rate_is_never_chosen_nor_trained_twice(tmp_path, text_file):
+    cfg = ScalingConfig.quick(
+        sizes=["q70k"], data=str(text_file), tokens=1024, val_tokens=512, test_tokens=512,
+        lrs=[3e-3, 1e6], seeds=[1], runs=str(tmp_path / "runs"),
+    )  # fmt: skip
+    lines: list[str] = []
+    payload = scaling.run_scaling(cfg, log=lines.append)
+    for model in ("bdh", "gpt"):
+        assert payload["sweep"]["q70k"][model]["lrs"]["1e+06"]["val_loss"] == [None]
+        assert payload["chosen_lr"]["q70k"][model] == 3e-3
+    assert "| q70k | BDH | " in table_markdown(payload) and "diverged" in table_markdown(payload)
+    lines.clear()
+    again = scaling.run_scaling(cfg, log=lines.append)
+    assert sum("not trained again" in line for line in lines) == 2 and again["runs_trained"] == 0
 
 
 def test_an_interrupted_run_is_resumed_and_a_finished_one_reused(tmp_path, text_file, monkeypatch):

@@ -604,7 +604,7 @@ def _train_step(run: _Run, lr: float) -> tuple[float, float]:
         with stepper.sync(last=i == cfg.grad_accum - 1):
             loss = stepper.loss(x, y)
             if not stepper.all_finite(loss):
-                return float(loss), float("nan")
+                return float(loss.detach()), float("nan")
             (loss / cfg.grad_accum).backward()
         stepper.after_backward()
         total += stepper.mean(loss.item())

@@ -26,9 +26,17 @@ import torch
 from bdh import data as bdh_data
 from bdh.baseline.presets import flops_per_token
 from bdh.checkpoint import RUN_SUBDIR, load_checkpoint, model_kind, read_config
-from bdh.train import METRICS_FILE, TrainConfig, evaluate, resolve_model_config, train
+from bdh.train import (
+    METRICS_FILE,
+    TrainConfig,
+    TrainingDiverged,
+    evaluate,
+    resolve_model_config,
+    train,
+)
 
 CPU_FILE = "cpu.json"  # beside checkpoint/ and metrics.jsonl: the CPU seconds the run took
+DIVERGED_FILE = "diverged.json"  # the settings of a run whose loss became NaN or infinite
 
 
 def shared_data_dir() -> Path:
@@ -65,6 +73,10 @@ def train_run(cfg: TrainConfig, log: Any = print, reuse: bool = True) -> RunReco
     """Train `cfg` and return its record. With `reuse`, a finished run of the same configuration
     in cfg.out is taken as it is, and an interrupted one is resumed (exactly, see `bdh.train`)."""
     ckpt_dir, cpu_file = Path(cfg.out) / RUN_SUBDIR, Path(cfg.out) / CPU_FILE
+    diverged_file = Path(cfg.out) / DIVERGED_FILE
+    if reuse and _diverged_before(diverged_file, cfg):
+        log(f"[experiment] {cfg.out} diverged before with these settings; not trained again")
+        raise TrainingDiverged(json.loads(diverged_file.read_text())["message"])
     step = _saved_step(ckpt_dir, cfg) if reuse else None
     reused = step == cfg.max_steps
     if reused:
@@ -76,6 +88,9 @@ def train_run(cfg: TrainConfig, log: Any = print, reuse: bool = True) -> RunReco
         start = time.process_time()
         try:
             result = train(cfg, resume=step is not None, progress=False, log=log)
+        except TrainingDiverged as e:  # remembered: the same settings diverge the same way
+            diverged_file.write_text(json.dumps({"train": cfg.to_dict(), "message": str(e)}))
+            raise
         finally:  # an interrupted part counts too
             spent = time.process_time() - start
             if before is not None:
@@ -99,6 +114,13 @@ def train_run(cfg: TrainConfig, log: Any = print, reuse: bool = True) -> RunReco
         checkpoint=str(ckpt_dir),
         reused=reused,
     )
+
+
+def _diverged_before(path: Path, cfg: TrainConfig) -> bool:
+    try:
+        return json.loads(path.read_text())["train"] == cfg.to_dict()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _read_cpu(path: Path) -> float | None:

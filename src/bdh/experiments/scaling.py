@@ -27,6 +27,7 @@ configuration is asked again, so the experiment resumes and extends (more seeds,
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from bdh.experiments.runs import (
     train_run,
 )
 from bdh.figures import save_figure
-from bdh.train import TrainConfig
+from bdh.train import TrainConfig, TrainingDiverged
 
 MODELS = ("bdh", "gpt")
 
@@ -175,12 +176,13 @@ def run_scaling(cfg: ScalingConfig, log: Any = print) -> dict[str, Any]:
     sweep: dict[str, dict[str, dict[str, Any]]] = {}
     chosen: dict[str, dict[str, float]] = {}
     runs: dict[str, dict[str, dict[int, RunRecord]]] = {}
+    every: list[RunRecord] = []  # every run of the sweep, chosen or not
     for size in cfg.sizes:
         sweep[size], chosen[size], runs[size] = {}, {}, {}
         for model in MODELS:
-            sweep[size][model], chosen[size][model], runs[size][model] = _tune(
-                cfg, size, model, val, log
-            )
+            tuned = _tune(cfg, size, model, val, log)
+            sweep[size][model], chosen[size][model], runs[size][model] = tuned[:3]
+            every += tuned[3]
     # Every rate is chosen: only now is the test slice read.
     test = test_slice(cfg)
     log(f"[scaling] rates chosen: {chosen}; scoring the chosen runs on the test slice")
@@ -192,7 +194,6 @@ def run_scaling(cfg: ScalingConfig, log: Any = print) -> dict[str, Any]:
         pair = [cfg.train_config(m, size, chosen[size][m], cfg.seeds[0]) for m in MODELS]
         rates[size] = side_by_side_rates(pair, rounds=cfg.rate_rounds, seed=cfg.seeds[0])
     rows = [summarise(size, runs[size], rates[size], chosen[size], cfg.lrs) for size in cfg.sizes]
-    every = [r for s in sweep.values() for m in s.values() for r in m.pop("records")]
     return {
         "experiment": "scaling",
         "config": dataclasses.asdict(cfg),
@@ -219,49 +220,61 @@ def run_scaling(cfg: ScalingConfig, log: Any = print) -> dict[str, Any]:
 
 def _tune(
     cfg: ScalingConfig, size: str, model: str, val: np.ndarray, log: Any
-) -> tuple[dict[str, Any], float, dict[int, RunRecord]]:
+) -> tuple[dict[str, Any], float, dict[int, RunRecord], list[RunRecord]]:
     """Train `model` at every rate with the selecting seeds, choose, then train the other seeds.
 
-    Returns the sweep ({lr: validation losses per seed}), the chosen rate, and the chosen rate's
-    runs by seed.
+    Returns the sweep ({lr: validation losses per seed, None where the run diverged}), the chosen
+    rate, the chosen rate's runs by seed, and every run trained or reused for this.
     """
     selecting, later = cfg.seeds[: cfg.select_seeds], cfg.seeds[cfg.select_seeds :]
     sweep: dict[str, Any] = {}
-    records: dict[float, dict[int, RunRecord]] = {}
+    records: dict[float, dict[int, RunRecord | None]] = {}
     for lr in cfg.lrs:
         records[lr] = {s: _train(cfg, size, model, lr, s, val, log) for s in selecting}
-        losses = [records[lr][s].final["val_loss"] for s in selecting]
+        losses = [None if r is None else r.final["val_loss"] for r in records[lr].values()]
         sweep[f"{lr:g}"] = {"seeds": selecting, "val_loss": losses}
-    every = [r for by_seed in records.values() for r in by_seed.values()]
     best = choose_lr({lr: sweep[f"{lr:g}"]["val_loss"] for lr in cfg.lrs})
+    if best is None:
+        raise RuntimeError(f"{size} {model}: every learning rate diverged ({cfg.lrs})")
     log(f"[scaling] {size} {model}: chose lr {best:g} on the validation slice")
     for seed in later:
         records[best][seed] = _train(cfg, size, model, best, seed, val, log)
-        every.append(records[best][seed])
-    return {"lrs": sweep, "records": every}, best, records[best]
+    chosen = {s: r for s, r in records[best].items() if r is not None}
+    if len(chosen) < len(cfg.seeds):
+        raise RuntimeError(f"{size} {model}: a seed diverged at the chosen lr {best:g}")
+    every = [r for by_seed in records.values() for r in by_seed.values() if r is not None]
+    return {"lrs": sweep}, best, chosen, every
 
 
 def _train(
     cfg: ScalingConfig, size: str, model: str, lr: float, seed: int, val: np.ndarray, log: Any
-) -> RunRecord:
+) -> RunRecord | None:
+    """One run with its validation-slice loss; None if its loss became NaN or infinite."""
     train_cfg = cfg.train_config(model, size, lr, seed)
     log(f"[scaling] {size} {model} lr {lr:g} seed {seed}: {cfg.steps} steps")
-    record = train_run(train_cfg, log=log, reuse=cfg.reuse)
+    try:
+        record = train_run(train_cfg, log=log, reuse=cfg.reuse)
+    except TrainingDiverged as e:
+        log(f"[scaling] {size} {model} lr {lr:g} seed {seed}: diverged ({e})")
+        return None
     record.final = {"val_loss": final_eval(record, val, cfg.block_size)["loss"]}
     log(f"[scaling] {size} {model} lr {lr:g} seed {seed}: validation loss "
         f"{record.final['val_loss']:.4f}")  # fmt: skip
     return record
 
 
-def choose_lr(val_losses: dict[float, list[float]]) -> float:
-    """The rate with the lowest mean validation loss (the lower rate on a tie); a run that
-    diverged (NaN) never wins."""
+def choose_lr(val_losses: dict[float, list[float | None]]) -> float | None:
+    """The rate with the lowest mean validation loss over seeds (the lower rate on a tie); a rate
+    with a diverged run (None or NaN) never wins. None if every rate diverged."""
 
-    def key(lr: float) -> tuple[float, float]:
-        mean = statistics.fmean(val_losses[lr])
-        return (mean if mean == mean else float("inf"), lr)
+    def mean(lr: float) -> float:
+        losses = val_losses[lr]
+        if any(v is None or not math.isfinite(v) for v in losses):
+            return math.inf
+        return statistics.fmean(losses)
 
-    return min(val_losses, key=key)
+    best = min(val_losses, key=lambda lr: (mean(lr), lr))
+    return None if mean(best) == math.inf else best
 
 
 # ---------------------------------------------------------------------------- summary
@@ -381,7 +394,7 @@ def sweep_markdown(payload: dict[str, Any]) -> str:
             best = payload["chosen_lr"][size][model]
             cells = []
             for lr in lrs:
-                text = _loss(statistics.fmean(by_lr["lrs"][f"{lr:g}"]["val_loss"]))
+                text = _loss(_mean(by_lr["lrs"][f"{lr:g}"]["val_loss"]))
                 cells.append(f"**{text}**" if lr == best else text)
             lines.append(f"| {size} | {model.upper()} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
@@ -406,8 +419,15 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def _loss(value: float | None) -> str:
-    return "n/a" if value is None or value != value else f"{value:.3f}"
+def _loss(value: float) -> str:
+    return "diverged" if not math.isfinite(value) else f"{value:.3f}"
+
+
+def _mean(losses: list[float | None]) -> float:
+    """Mean over seeds; NaN if a run diverged (a gap in the plot, "diverged" in the table)."""
+    if any(v is None for v in losses):
+        return math.nan
+    return statistics.fmean(losses)
 
 
 def plot(payload: dict[str, Any], path: str | Path) -> Path:
@@ -436,7 +456,7 @@ def _plot_sweep(ax: Any, payload: dict[str, Any]) -> None:
     styles = ["o-", "s--", "^:", "d-."]
     for i, (size, models) in enumerate(payload["sweep"].items()):
         for model, by_lr in models.items():
-            losses = [statistics.fmean(by_lr["lrs"][f"{lr:g}"]["val_loss"]) for lr in lrs]
+            losses = [_mean(by_lr["lrs"][f"{lr:g}"]["val_loss"]) for lr in lrs]
             ax.plot(lrs, losses, styles[i % len(styles)], color=COLORS[model],
                     label=f"{model.upper()} {size}")  # fmt: skip
     ax.set(xscale="log", xlabel="peak learning rate", ylabel="validation-slice loss (nats/byte)")
