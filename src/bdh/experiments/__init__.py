@@ -138,22 +138,21 @@ def _names(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(s) for s in _names(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
+def _listed(convert: Any, what: str) -> Any:
+    """An argparse type: comma-separated values of `convert`, with a one-line error."""
+
+    def parse(text: str) -> list[Any]:
+        try:
+            return [convert(s) for s in _names(text)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what}, got {text!r}"
+            ) from None
+
+    return parse
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(s) for s in _names(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
+_floats, _ints = _listed(float, "numbers"), _listed(int, "integers")
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
