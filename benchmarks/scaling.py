@@ -1,6 +1,6 @@
 """BDH vs the parameter-matched GPT: each at its best learning rate, over seeds (Fig. 7).
 
-    python benchmarks/scaling.py            # 360k and 1m, 2M tokens per run, lr 1e-3/3e-3/1e-2
+    python benchmarks/scaling.py            # 360k and 1m, 2M tokens per run, 4 rates x 2 seeds
     python benchmarks/scaling.py --quick    # q70k and q170k, 8k tokens per run (~30 s)
     python benchmarks/scaling.py --sizes 360k,1m,3m --seeds 1337,1338,1339   # extends, reusing runs
 
