@@ -213,6 +213,8 @@ def run_scaling(cfg: ScalingConfig, log: Any = print) -> dict[str, Any]:
         # CPU seconds of every run's training, this call's and earlier ones'
         "cpu_s": sum(r.cpu_s for r in every if r.cpu_s is not None),
         "cpu_s_unrecorded_runs": sum(r.cpu_s is None for r in every),
+        # and the trainers' own clocks (training steps only), known for every run
+        "train_s": sum(r.wall_s for r in every),
         "runs_trained": sum(not r.reused for r in every),
         "runs_reused": sum(r.reused for r in every),
         "wall_s": time.perf_counter() - started,
