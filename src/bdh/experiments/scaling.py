@@ -462,8 +462,10 @@ def _plot_sweep(ax: Any, payload: dict[str, Any]) -> None:
             losses = [_mean(by_lr["lrs"][f"{lr:g}"]["val_loss"]) for lr in lrs]
             ax.plot(lrs, losses, styles[i % len(styles)], color=COLORS[model],
                     label=f"{model.upper()} {size}")  # fmt: skip
+            best = payload["chosen_lr"][size][model]
+            ax.plot([best], [losses[lrs.index(best)]], "*", ms=14, color=COLORS[model], mfc="none")
     ax.set(xscale="log", xlabel="peak learning rate", ylabel="validation-slice loss (nats/byte)")
-    ax.set_title("learning-rate sweep (selecting seed)")
+    ax.set_title("learning-rate sweep (selecting seed; ☆ chosen)")
     ax.legend(fontsize=7)
 
 
@@ -495,6 +497,9 @@ def _plot_curves(ax: Any, payload: dict[str, Any], x: str) -> None:
                 label = f"{model.upper()} {size}" if j == 0 else None
                 ys = [p["val_loss"] for p in run["curve"]]
                 ax.plot(xs, ys, color=COLORS[model], alpha=alpha, label=label)
+    for row in payload["rows"]:  # where the cheaper model's budget ends: the comparison point
+        at = row["equal_flops"]["flops"] if x == "flops" else row["equal_time"]["seconds"]
+        ax.axvline(at, color="gray", ls=":", lw=1)
     xlabel = "training FLOPs" if x == "flops" else "training time on this machine (s)"
     ax.set(xscale="log", xlabel=xlabel, ylabel="validation-slice loss (nats/byte)")
     ax.set_title("equal FLOPs" if x == "flops" else "equal wall-clock (side-by-side speeds)")
