@@ -92,6 +92,10 @@ def test_the_runs_of_a_size_differ_only_in_model_lr_and_seed():
     assert differ == {"model", "out", "lr", "seed"}
     # The trainer's own validation reads only the validation slice.
     assert bdh.val_limit == cfg.val_tokens
+    # The GPT may have its own grid of rates.
+    own = ScalingConfig(lrs=[3e-3, 1e-3], gpt_lrs=[1e-2, 3e-2])
+    assert (own.lrs_of("bdh"), own.lrs_of("gpt")) == ([1e-3, 3e-3], [1e-2, 3e-2])
+    assert ScalingConfig(gpt_lrs=None).lrs_of("gpt") == ScalingConfig().lrs
     assert TranslationConfig().train_config("gpt").lr == TranslationConfig().lr
 
 
@@ -114,7 +118,8 @@ def test_bad_experiment_settings_raise_config_errors():
 def test_scaling_quick_writes_json_table_and_plot_and_reuses_runs(tmp_path, text_file):
     runs, out = tmp_path / "runs", tmp_path / "out"
     args = ["experiment", "scaling", "--quick", "--data", str(text_file), *SCALING_BUDGET]
-    args += ["--lrs", "3e-3,1e-2", "--runs", str(runs), "--out", str(out)]
+    args += ["--lrs", "3e-3,1e-2", "--gpt-lrs", "3e-3,1e-2,3e-2"]  # the GPT's own grid
+    args += ["--runs", str(runs), "--out", str(out)]
     assert main(args) == 0
     payload = json.loads((out / "scaling-quick.json").read_text())
     rows = payload["rows"]
@@ -131,14 +136,17 @@ def test_scaling_quick_writes_json_table_and_plot_and_reuses_runs(tmp_path, text
         assert r["train_flops"]["bdh"] > r["train_flops"]["gpt"]
     table = (out / "scaling-quick.md").read_text()
     assert table == table_markdown(payload) and table.count("\n| q70k |") == 3  # row, 2 sweep
+    assert "| q70k | BDH |" in table and table.split("| q70k | BDH |")[1].split("\n")[0].endswith(
+        "| – |"
+    )
     assert (out / "scaling-quick.png").stat().st_size > 10_000
     # A second call reuses every finished run (no training: no CPU time recorded).
     assert main([*args, "--sizes", "q70k"]) == 0
     again = json.loads((out / "scaling-quick.json").read_text())
-    assert (again["runs_reused"], again["runs_trained"]) == (3 + 3, 0)
+    assert (again["runs_reused"], again["runs_trained"]) == (3 + 4, 0)
     # CPU time: every run's, recorded beside it when trained and reported again when reused.
     recorded = {f: json.loads(f.read_text())["cpu_s"] for f in runs.glob("*/*/*/cpu.json")}
-    assert len(recorded) == 12 and min(recorded.values()) > 0  # 2 sizes x 2 models x 3 runs
+    assert len(recorded) == 14 and min(recorded.values()) > 0  # 2 sizes x (3 BDH + 4 GPT) runs
     assert payload["cpu_s"] == pytest.approx(sum(recorded.values()))
     assert again["cpu_s"] == pytest.approx(sum(v for f, v in recorded.items() if "q70k" in str(f)))
     assert again["rows"][0]["equal_tokens"] == rows[0]["equal_tokens"]

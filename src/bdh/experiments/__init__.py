@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     scaling.add_argument("--data", metavar="SOURCE", help="bdh.data source (default: shakespeare)")
     scaling.add_argument("--lrs", type=_floats, help="peak learning rates tried per model and"
                          " size, comma-separated (default: 3e-4,1e-3,3e-3,1e-2)")  # fmt: skip
+    scaling.add_argument("--gpt-lrs", type=_floats, help="the GPT's own rates, comma-separated"
+                         " (default: 3e-4,1e-3,3e-3,1e-2,3e-2)")  # fmt: skip
     scaling.add_argument("--seeds", type=_ints, help="seeds, comma-separated (default: 1337,1338)")
     scaling.add_argument(
         "--select-seeds", type=int, metavar="K",

@@ -67,6 +67,9 @@ class ScalingConfig:
     # Peak learning rates tried for each model and size, in half-decade steps. 3e-4 is there
     # because the 1m BDH did best at the lowest rate of 1e-3..1e-2 (1.537 vs 1.543 at 3e-3).
     lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2])
+    # The GPT's own rates (None: `lrs`). It gets 3e-2 too because the 360k GPT did best at 1e-2,
+    # the top of the shared grid.
+    gpt_lrs: list[float] | None = field(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
     seeds: list[int] = field(default_factory=lambda: [1337, 1338])
     # The first `select_seeds` seeds train at every rate and choose it; the others train only at
     # the chosen rate. 1 costs len(lrs) + len(seeds) - 1 runs per model and size instead of
@@ -92,8 +95,10 @@ class ScalingConfig:
                 f"tokens ({self.tokens}) must cover at least one step of"
                 f" batch_size x block_size = {self.batch_size * self.block_size}"
             )
-        if not self.lrs or any(not lr > 0 for lr in self.lrs):
-            raise ConfigError(f"lrs must be one or more positive rates, got {self.lrs}")
+        for name in ("lrs", "gpt_lrs"):
+            grid = getattr(self, name)
+            if grid is not None and (not grid or any(not lr > 0 for lr in grid)):
+                raise ConfigError(f"{name} must be one or more positive rates, got {grid}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds must be one or more distinct integers, got {self.seeds}")
         if not 1 <= self.select_seeds <= len(self.seeds):
@@ -105,16 +110,21 @@ class ScalingConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.lrs = sorted(float(lr) for lr in self.lrs)
+        if self.gpt_lrs is not None:
+            self.gpt_lrs = sorted(float(lr) for lr in self.gpt_lrs)
 
     @classmethod
     def quick(cls, **changes: Any) -> ScalingConfig:
         """The quick ladder for a few seconds per run: a smoke test, not a scaling result."""
         fields: dict[str, Any] = dict(
             sizes=["q70k", "q170k"], tokens=8_192, batch_size=8, block_size=32, evals=4,
-            eval_batches=2, val_tokens=2_048, test_tokens=2_048, rate_rounds=1,
+            gpt_lrs=None, eval_batches=2, val_tokens=2_048, test_tokens=2_048, rate_rounds=1,
             runs="runs/scaling-quick", seeds=[1337, 1338], lrs=[1e-3, 3e-3, 1e-2],
         )  # fmt: skip
         return cls(**{**fields, **changes})
+
+    def lrs_of(self, model: str) -> list[float]:
+        return self.gpt_lrs if model == "gpt" and self.gpt_lrs is not None else self.lrs
 
     @property
     def steps(self) -> int:
@@ -194,7 +204,8 @@ def run_scaling(cfg: ScalingConfig, log: Any = print) -> dict[str, Any]:
         log(f"[scaling] {size}: measuring training speed side by side")
         pair = [cfg.train_config(m, size, chosen[size][m], cfg.seeds[0]) for m in MODELS]
         rates[size] = side_by_side_rates(pair, rounds=cfg.rate_rounds, seed=cfg.seeds[0])
-    rows = [summarise(size, runs[size], rates[size], chosen[size], cfg.lrs) for size in cfg.sizes]
+    grids = {m: cfg.lrs_of(m) for m in MODELS}
+    rows = [summarise(size, runs[size], rates[size], chosen[size], grids) for size in cfg.sizes]
     return {
         "experiment": "scaling",
         "config": dataclasses.asdict(cfg),
@@ -232,13 +243,13 @@ def _tune(
     selecting, later = cfg.seeds[: cfg.select_seeds], cfg.seeds[cfg.select_seeds :]
     sweep: dict[str, Any] = {}
     records: dict[float, dict[int, RunRecord | None]] = {}
-    for lr in cfg.lrs:
+    for lr in cfg.lrs_of(model):
         records[lr] = {s: _train(cfg, size, model, lr, s, val, log) for s in selecting}
         losses = [None if r is None else r.final["val_loss"] for r in records[lr].values()]
         sweep[f"{lr:g}"] = {"seeds": selecting, "val_loss": losses}
-    best = choose_lr({lr: sweep[f"{lr:g}"]["val_loss"] for lr in cfg.lrs})
+    best = choose_lr({lr: sweep[f"{lr:g}"]["val_loss"] for lr in cfg.lrs_of(model)})
     if best is None:
-        raise RuntimeError(f"{size} {model}: every learning rate diverged ({cfg.lrs})")
+        raise RuntimeError(f"{size} {model}: every learning rate diverged ({cfg.lrs_of(model)})")
     log(f"[scaling] {size} {model}: chose lr {best:g} on the validation slice")
     for seed in later:
         records[best][seed] = _train(cfg, size, model, best, seed, val, log)
@@ -288,7 +299,7 @@ def summarise(
     runs: dict[str, dict[int, RunRecord]],
     rates: dict[str, float],
     chosen: dict[str, float],
-    lrs: list[float],
+    grids: dict[str, list[float]],
 ) -> dict[str, Any]:
     """One row: the chosen rates and the three views of the gap, paired by seed."""
     seeds = sorted(set(runs["bdh"]) & set(runs["gpt"]))
@@ -307,7 +318,9 @@ def summarise(
         "params": {"bdh": first.params, "gpt": runs["gpt"][seeds[0]].params},
         "param_gap": param_gap(bdh_cfg, gpt_cfg),
         "lr": dict(chosen),
-        "lr_at_edge": {m: chosen[m] in (lrs[0], lrs[-1]) and len(lrs) > 1 for m in MODELS},
+        "lr_at_edge": {
+            m: chosen[m] in (grids[m][0], grids[m][-1]) and len(grids[m]) > 1 for m in MODELS
+        },
         "seeds": seeds,
         "bpb": {m: _spread([runs[m][s].final["bpb"] for s in seeds]) for m in MODELS},
         "train_flops": {m: runs[m][seeds[0]].train_flops for m in MODELS},
@@ -388,7 +401,7 @@ def _row(r: dict[str, Any]) -> str:
 
 def sweep_markdown(payload: dict[str, Any]) -> str:
     """Validation-slice loss of every rate (the first seeds), the chosen one in bold."""
-    lrs = payload["config"]["lrs"]
+    lrs = sorted(set(payload["config"]["lrs"]) | set(payload["config"]["gpt_lrs"] or []))
     head = "| size | model | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |\n"
     head += "|---|---|" + "---|" * len(lrs) + "\n"
     lines = []
@@ -397,6 +410,9 @@ def sweep_markdown(payload: dict[str, Any]) -> str:
             best = payload["chosen_lr"][size][model]
             cells = []
             for lr in lrs:
+                if f"{lr:g}" not in by_lr["lrs"]:
+                    cells.append("–")  # not in this model's grid
+                    continue
                 text = _loss(_mean(by_lr["lrs"][f"{lr:g}"]["val_loss"]))
                 cells.append(f"**{text}**" if lr == best else text)
             lines.append(f"| {size} | {model.upper()} | " + " | ".join(cells) + " |")
@@ -455,10 +471,10 @@ COLORS = {"bdh": "tab:red", "gpt": "tab:blue"}
 
 
 def _plot_sweep(ax: Any, payload: dict[str, Any]) -> None:
-    lrs = payload["config"]["lrs"]
     styles = ["o-", "s--", "^:", "d-."]
     for i, (size, models) in enumerate(payload["sweep"].items()):
         for model, by_lr in models.items():
+            lrs = sorted(float(lr) for lr in by_lr["lrs"])
             losses = [_mean(by_lr["lrs"][f"{lr:g}"]["val_loss"]) for lr in lrs]
             ax.plot(lrs, losses, styles[i % len(styles)], color=COLORS[model],
                     label=f"{model.upper()} {size}")  # fmt: skip
