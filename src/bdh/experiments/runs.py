@@ -93,7 +93,7 @@ def train_run(cfg: TrainConfig, log: Any = print, reuse: bool = True) -> RunReco
             raise
         finally:  # an interrupted part counts too
             spent = time.process_time() - start
-            if before is not None:
+            if before is not None and cpu_file.parent.is_dir():  # not if nothing was started
                 cpu_file.write_text(json.dumps({"cpu_s": before + spent}) + "\n")
         if result.status != "done":
             raise RuntimeError(f"training {cfg.out} stopped: {result.status}")
