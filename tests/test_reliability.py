@@ -400,6 +400,34 @@ WRITER = textwrap.dedent(
 )
 
 
+def test_a_file_vanishing_mid_read_as_the_writer_swaps_is_read_again(tmp_path, monkeypatch):
+    # The race the test below meets now and then, made certain: a file is gone while the reader
+    # reads it (an OSError, not a CheckpointError) because a new checkpoint was swapped in.
+    path, model = tmp_path / "ck", BDH(BDHConfig.from_name("tiny"))
+    save_checkpoint(path, model, "bdh", ByteTokenizer(), meta={"step": 1})
+    real_load, calls = ckpt_mod._load, []
+
+    def swap_then_vanish(where, *args):
+        calls.append(where)
+        if len(calls) == 1:
+            save_checkpoint(path, model, "bdh", ByteTokenizer(), meta={"step": 2})
+            raise FileNotFoundError(
+                2, "No such file or directory", str(where / "model.safetensors")
+            )
+        return real_load(where, *args)
+
+    monkeypatch.setattr(ckpt_mod, "_load", swap_then_vanish)
+    assert load_checkpoint(path).meta["step"] == 2 and len(calls) == 2
+
+    # Nothing replaced: any other OSError is a one-line CheckpointError naming the checkpoint.
+    def denied(where, *args):
+        raise PermissionError(13, "Permission denied", str(where / "model.safetensors"))
+
+    monkeypatch.setattr(ckpt_mod, "_load", denied)
+    with pytest.raises(CheckpointError, match="cannot read the checkpoint"):
+        load_checkpoint(path)
+
+
 def test_readers_always_see_one_whole_checkpoint_while_it_is_replaced(tmp_path, capsys):
     path = tmp_path / "ck"
     writer = subprocess.Popen(

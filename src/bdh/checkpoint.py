@@ -242,7 +242,11 @@ def checked_file(directory: str | Path, name: str) -> Path:
     file = Path(directory) / name
     if not os.path.lexists(file):
         raise CheckpointError(f"{file} is missing")
-    if file.is_symlink() or not stat.S_ISREG(os.lstat(file).st_mode):
+    try:
+        mode = os.lstat(file).st_mode
+    except FileNotFoundError:  # removed since: the checkpoint is being replaced
+        raise CheckpointError(f"{file} is missing") from None
+    if stat.S_ISLNK(mode) or not stat.S_ISREG(mode):
         raise CheckpointError(f"{file} is not a regular file inside the checkpoint; refusing it")
     return file
 
@@ -294,10 +298,12 @@ def load_checkpoint(
         before = _config_bytes(where)
         try:
             ckpt = _load(where, training, map_location)
-        except CheckpointError:
+        except (CheckpointError, OSError) as e:  # a file may vanish as the writer swaps
             replaced = before is None or _config_bytes(where) != before
             if not replaced or attempt + 1 == LOAD_ATTEMPTS:
-                raise  # damaged, not replaced while we read it
+                if isinstance(e, CheckpointError):
+                    raise  # damaged, not replaced while we read it
+                raise CheckpointError(f"cannot read the checkpoint {where}: {e}") from None
             time.sleep(0.005 * attempt)
             continue
         if before is not None and _config_bytes(where) == before:
