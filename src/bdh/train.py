@@ -122,6 +122,7 @@ class TrainConfig:
     def validate(self) -> None:
         positive = ("max_steps", "batch_size", "block_size", "grad_accum", "bpe_vocab_size")
         positive += ("eval_interval", "eval_batches", "ckpt_interval", "log_interval")
+        positive += ("val_limit",) if self.val_limit is not None else ()  # None: the whole split
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -129,11 +130,6 @@ class TrainConfig:
         for name in ("warmup_steps", "threads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        if self.val_limit is not None and (
-            isinstance(self.val_limit, bool) or not isinstance(self.val_limit, int)
-            or self.val_limit < 1
-        ):  # fmt: skip
-            raise ConfigError(f"val_limit must be a positive integer or null, got {self.val_limit}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ConfigError(f"max_minutes must be > 0, got {self.max_minutes!r}")
         if not self.lr > 0:

@@ -36,10 +36,9 @@ MATCH_TOLERANCE = 0.03
 
 # BDH's state is damped with ALiBi's per-head schedule, as its GPT's attention is by ALiBi itself
 # (and as every BDH preset is: see bdh.config.PRESETS). Damping adds no parameter.
-_BDH_BASE: dict[str, Any] = {"n_layer": 4, "n_embd": 128, "n_head": 4, "dropout": 0.0}
-_BDH_BASE["damping"] = DAMPING_SCHEDULE
-_BDH_QUICK: dict[str, Any] = {"n_layer": 2, "n_embd": 64, "n_head": 2, "dropout": 0.0}
-_BDH_QUICK["damping"] = DAMPING_SCHEDULE
+_DAMPED: dict[str, Any] = {"dropout": 0.0, "damping": DAMPING_SCHEDULE}
+_BDH_BASE: dict[str, Any] = {"n_layer": 4, "n_embd": 128, "n_head": 4, **_DAMPED}
+_BDH_QUICK: dict[str, Any] = {"n_layer": 2, "n_embd": 64, "n_head": 2, **_DAMPED}
 _GPT_BASE: dict[str, Any] = {"position": "alibi", "dropout": 0.0}
 
 # size -> (BDH multiplier, GPT (n_layer, n_embd, n_head))

@@ -74,9 +74,10 @@ def train_run(cfg: TrainConfig, log: Any = print, reuse: bool = True) -> RunReco
     in cfg.out is taken as it is, and an interrupted one is resumed (exactly, see `bdh.train`)."""
     ckpt_dir, cpu_file = Path(cfg.out) / RUN_SUBDIR, Path(cfg.out) / CPU_FILE
     diverged_file = Path(cfg.out) / DIVERGED_FILE
-    if reuse and _diverged_before(diverged_file, cfg):
+    diverged = _read_json(diverged_file) if reuse else {}
+    if diverged.get("train") == cfg.to_dict():
         log(f"[experiment] {cfg.out} diverged before with these settings; not trained again")
-        raise TrainingDiverged(json.loads(diverged_file.read_text())["message"])
+        raise TrainingDiverged(str(diverged.get("message", "diverged")))
     step = _saved_step(ckpt_dir, cfg) if reuse else None
     reused = step == cfg.max_steps
     if reused:
@@ -116,18 +117,17 @@ def train_run(cfg: TrainConfig, log: Any = print, reuse: bool = True) -> RunReco
     )
 
 
-def _diverged_before(path: Path, cfg: TrainConfig) -> bool:
+def _read_json(path: Path) -> dict[str, Any]:
+    """A small JSON object the experiment keeps beside a run; {} if absent or unreadable."""
     try:
-        return json.loads(path.read_text())["train"] == cfg.to_dict()
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _read_cpu(path: Path) -> float | None:
-    try:
-        value = json.loads(path.read_text())["cpu_s"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    value = _read_json(path).get("cpu_s")
     return float(value) if isinstance(value, int | float) else None
 
 
